@@ -1,0 +1,178 @@
+//! The gateway: connections only.
+//!
+//! - [`ws_route`] negotiates the encoding and starts one [`connection`] actor
+//!   per WebSocket; [`commands`] is what each client command does.
+//! - [`hub`] is the channel registry and local fan-out (one NATS subscription
+//!   per channel per node, each publication encoded once per encoding).
+//! - [`outbound`] is each connection's byte-bounded queue.
+//! - [`http_api`] serves `/api/*` for backend services.
+//!
+//! [`run`] starts it inside the current actix system: one actix worker per
+//! core (configurable) and a runtime-lag probe on each.
+
+pub mod commands;
+pub mod connection;
+pub mod errors;
+pub mod http_api;
+pub mod hub;
+pub mod metrics;
+pub mod outbound;
+pub mod state;
+pub mod ws_route;
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{App, HttpServer, web};
+use rt_proto::CloseCode;
+use rt_shared::broadcast_client::BroadcastClient;
+use rt_shared::config::Config;
+use rt_shared::health::{Health, OpsState};
+use rt_shared::metrics::{CommonMetrics, MetricsRegistry};
+use rt_shared::{Bus, BusError, lag};
+
+use crate::connection::Disconnect;
+use crate::hub::Hub;
+use crate::metrics::GatewayMetrics;
+use crate::state::AppState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway.
+pub struct GatewayHandle {
+    addr: SocketAddr,
+    server: actix_web::dev::ServerHandle,
+    app: Arc<AppState>,
+}
+
+impl GatewayHandle {
+    /// The bound HTTP/WebSocket address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Open WebSocket connections.
+    pub fn connections(&self) -> usize {
+        self.app.connections.len()
+    }
+
+    /// Graceful shutdown: readiness turns false, no new connections, every
+    /// socket gets `disconnect` and close 4005 with a jittered
+    /// `retry_after_ms` (so clients do not all come back at once), then the
+    /// server stops once they are gone or the drain timeout passes.
+    pub async fn drain(self) {
+        let config = &self.app.config.gateway;
+        self.app.health.set_draining();
+        self.server.pause().await;
+        let base = config.drain_retry_after_ms;
+        for connection in self.app.connections.all() {
+            connection.do_send(Disconnect {
+                code: CloseCode::DRAINING,
+                reason: "server draining",
+                reconnect: true,
+                retry_after_ms: Some(base + fastrand::u64(0..=base)),
+            });
+        }
+        let deadline = Instant::now() + Duration::from_millis(config.drain_timeout_ms);
+        while !self.app.connections.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!(remaining = self.app.connections.len(), "drained");
+        self.server.stop(true).await;
+    }
+
+    /// Stops at once, without telling clients.
+    pub async fn stop(self) {
+        self.server.stop(false).await;
+    }
+}
+
+thread_local! {
+    static PROBE_STARTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Starts the gateway in the current actix system.
+pub async fn run(config: Config) -> Result<GatewayHandle, GatewayError> {
+    let config = Arc::new(config);
+    let registry = MetricsRegistry::default();
+    let common = CommonMetrics::new(&registry);
+    let metrics = GatewayMetrics::new(&registry);
+    let health = Health::default();
+    let bus = Bus::connect(&config.nats, "rt-gateway", health.clone(), common.clone()).await?;
+    let node = match config.gateway.node_name.as_str() {
+        "" => format!("gw-{:06x}", fastrand::u32(..0x100_0000)),
+        name => name.to_owned(),
+    };
+    let hub = Hub::new(
+        bus.clone(),
+        metrics.clone(),
+        config.gateway.max_pending_while_subscribing,
+    );
+    let app = Arc::new(AppState::new(
+        config.clone(),
+        hub,
+        BroadcastClient::new(bus),
+        metrics,
+        health.clone(),
+        node.clone(),
+    ));
+    let workers = match config.gateway.workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let ops = OpsState {
+        health: health.clone(),
+        metrics: registry,
+    };
+    let factory_app = app.clone();
+    let server = HttpServer::new(move || {
+        // The factory runs once per worker thread: give each worker its probe.
+        if !PROBE_STARTED.replace(true) {
+            let name = std::thread::current().name().unwrap_or("worker").to_owned();
+            lag::spawn_probe(name, common.clone(), false);
+        }
+        let ops = ops.clone();
+        App::new()
+            .app_data(web::Data::new(factory_app.clone()))
+            .configure(|cfg| rt_shared::health::configure(cfg, ops))
+            .configure(http_api::configure)
+            .route("/ws", web::get().to(ws_route::ws_route))
+    })
+    .workers(workers)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .bind(&config.gateway.http_addr)
+    .map_err(|source| GatewayError::Bind {
+        addr: config.gateway.http_addr.clone(),
+        source,
+    })?;
+    let addr = server
+        .addrs()
+        .first()
+        .copied()
+        .ok_or_else(|| GatewayError::Bind {
+            addr: config.gateway.http_addr.clone(),
+            source: std::io::Error::other("no address bound"),
+        })?;
+    let server = server.run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    health.set_warmed();
+    tracing::info!(%addr, node, workers, nats = %config.nats.url, "gateway ready");
+    Ok(GatewayHandle {
+        addr,
+        server: handle,
+        app,
+    })
+}

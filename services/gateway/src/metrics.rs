@@ -1,0 +1,138 @@
+//! The gateway's metrics, registered in the service's registry.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use rt_shared::metrics::{MetricsRegistry, latency_histogram};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: u16,
+}
+
+#[derive(Clone)]
+pub struct GatewayMetrics {
+    pub connections: Gauge,
+    pub connections_opened: Counter,
+    pub connections_closed: Family<CodeLabel, Counter>,
+    pub subscriptions: Gauge,
+    pub channels: Gauge,
+    pub messages_in: Counter,
+    pub messages_out: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub slow_consumers: Counter,
+    pub errors: Family<CodeLabel, Counter>,
+    /// Sequencing (`ts`) to the moment a gateway queues it for its subscribers.
+    pub publish_to_deliver: Histogram,
+    /// Socket accepted to `connect` answered.
+    pub connect_latency: Histogram,
+    /// Publications received with an offset gap on a channel (missed by this node).
+    pub delivery_gaps: Counter,
+    /// Shared by every connection's outbound queue.
+    pub outbound_bytes: Gauge,
+}
+
+impl GatewayMetrics {
+    pub fn new(registry: &MetricsRegistry) -> Self {
+        let m = Self {
+            connections: Gauge::default(),
+            connections_opened: Counter::default(),
+            connections_closed: Family::default(),
+            subscriptions: Gauge::default(),
+            channels: Gauge::default(),
+            messages_in: Counter::default(),
+            messages_out: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            slow_consumers: Counter::default(),
+            errors: Family::default(),
+            publish_to_deliver: latency_histogram(),
+            connect_latency: latency_histogram(),
+            delivery_gaps: Counter::default(),
+            outbound_bytes: Gauge::default(),
+        };
+        registry.register(
+            "rt_gateway_connections",
+            "Open WebSocket connections",
+            m.connections.clone(),
+        );
+        registry.register(
+            "rt_gateway_connections_opened",
+            "WebSocket connections accepted",
+            m.connections_opened.clone(),
+        );
+        registry.register(
+            "rt_gateway_connections_closed",
+            "WebSocket connections closed, by close code",
+            m.connections_closed.clone(),
+        );
+        registry.register(
+            "rt_gateway_subscriptions",
+            "Subscriptions held by local connections",
+            m.subscriptions.clone(),
+        );
+        registry.register(
+            "rt_gateway_channels",
+            "Channels with at least one local subscriber",
+            m.channels.clone(),
+        );
+        registry.register(
+            "rt_gateway_messages_in",
+            "Client messages received",
+            m.messages_in.clone(),
+        );
+        registry.register(
+            "rt_gateway_messages_out",
+            "WebSocket frames written to clients",
+            m.messages_out.clone(),
+        );
+        registry.register(
+            "rt_gateway_bytes_in",
+            "Bytes received from clients",
+            m.bytes_in.clone(),
+        );
+        registry.register(
+            "rt_gateway_bytes_out",
+            "Bytes written to clients",
+            m.bytes_out.clone(),
+        );
+        registry.register(
+            "rt_gateway_slow_consumers",
+            "Connections closed with 4004 because their outbound buffer overflowed",
+            m.slow_consumers.clone(),
+        );
+        registry.register(
+            "rt_gateway_errors",
+            "Error replies and protocol closes, by code",
+            m.errors.clone(),
+        );
+        registry.register(
+            "rt_gateway_publish_to_deliver_seconds",
+            "From sequencing to being queued for local subscribers",
+            m.publish_to_deliver.clone(),
+        );
+        registry.register(
+            "rt_gateway_connect_seconds",
+            "From socket accepted to connect answered",
+            m.connect_latency.clone(),
+        );
+        registry.register(
+            "rt_gateway_delivery_gaps",
+            "Publications that arrived after an offset gap on their channel",
+            m.delivery_gaps.clone(),
+        );
+        registry.register(
+            "rt_gateway_outbound_buffered_bytes",
+            "Bytes queued towards clients across all connections",
+            m.outbound_bytes.clone(),
+        );
+        m
+    }
+
+    pub fn error(&self, code: u16) {
+        self.errors.get_or_create(&CodeLabel { code }).inc();
+    }
+}

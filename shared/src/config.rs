@@ -1,0 +1,518 @@
+//! Configuration: defaults → TOML file → `RT_…` environment, validated once.
+//!
+//! One file configures the whole cluster (every service reads the sections it
+//! needs), because namespaces matter to more than one service. Environment
+//! overrides follow one rule, `RT_<SECTION>__<KEY>` (e.g.
+//! `RT_GATEWAY__MAX_MESSAGE_SIZE=131072`), plus the shorthands in [`SHORTHANDS`].
+//! The file is named by `RT_CONFIG`. Unknown keys are errors, so a typo is
+//! reported instead of silently ignored.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// Environment shorthands for the settings a developer sets most.
+pub const SHORTHANDS: &[(&str, &str)] = &[
+    ("RT_NATS_URL", "nats.url"),
+    ("RT_HTTP_ADDR", "gateway.http_addr"),
+    ("RT_API_KEY", "gateway.api_key"),
+    ("RT_LOG_FORMAT", "log.format"),
+];
+
+/// Why configuration could not be loaded; the message names the bad key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid config: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// A secret that never prints.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub log: LogConfig,
+    pub gateway: GatewayConfig,
+    pub broadcast: BroadcastConfig,
+    /// Options of channels without a `:` namespace.
+    pub default_namespace: NamespaceConfig,
+    /// Options of each named namespace; channels in any other namespace get 102.
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    pub url: String,
+    /// Deadline for requests between services.
+    pub request_timeout_ms: u64,
+    /// Messages a subscription may buffer before NATS reports a slow consumer.
+    pub subscription_capacity: usize,
+    /// Outgoing messages queued towards the NATS connection before callers get "busy".
+    pub publish_queue: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `pretty` for development, `json` for production.
+    pub format: LogFormat,
+    /// A `tracing` filter; `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// WebSocket, HTTP API, health and metrics; port 0 picks a free port.
+    pub http_addr: String,
+    /// `Authorization: apikey <key>` for `/api/*`; empty disables the API.
+    pub api_key: Secret,
+    /// actix workers (threads); 0 means one per core.
+    pub workers: usize,
+    /// Largest inbound WebSocket message (after reassembly) and HTTP body.
+    pub max_message_size: usize,
+    /// Time a new socket has to send `connect`.
+    pub connect_timeout_ms: u64,
+    /// WebSocket ping interval; three silent intervals close with 4009.
+    pub ping_interval_ms: u64,
+    /// Per-connection outbound bound in bytes; past it the namespace's slow-consumer policy applies.
+    pub outbound_buffer_bytes: usize,
+    /// Largest frame the writer coalesces queued messages into.
+    pub max_batch_bytes: usize,
+    /// Whether clients may connect without a token (user "").
+    pub allow_anonymous: bool,
+    /// Publications a subscriber may receive while its `subscribe` is being answered.
+    pub max_pending_while_subscribing: usize,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions_per_connection: usize,
+    /// Commands of one connection waiting for another service at once.
+    pub max_inflight_per_connection: usize,
+    /// Base of the jittered `retry_after_ms` sent with 4005 on shutdown.
+    pub drain_retry_after_ms: u64,
+    /// How long shutdown waits for sockets to close before it stops anyway.
+    pub drain_timeout_ms: u64,
+    /// Node name shown to clients; empty generates one.
+    pub node_name: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BroadcastConfig {
+    /// Health and metrics endpoint; port 0 picks a free port.
+    pub http_addr: String,
+    /// Sequencer actors (channels are spread over them by hash); 0 means one per core.
+    pub shards: usize,
+    /// Largest `limit` a history query may ask for.
+    pub history_max_limit: u32,
+    /// Largest publication data in bytes.
+    pub max_data_bytes: usize,
+    /// Sequencer mailbox bound; a full shard answers 113.
+    pub shard_mailbox: usize,
+    /// How long an idempotency key returns its first publish's position.
+    pub idempotency_window_secs: u64,
+    /// A channel with no history and no activity for this long is forgotten
+    /// (its next publication starts a new epoch).
+    pub channel_idle_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// Publications kept per channel for `history` and recovery (0: none).
+    pub history_size: usize,
+    /// How long a publication stays in history.
+    pub history_ttl_secs: u64,
+    /// Whether clients may publish (HTTP and NATS publishers always may).
+    pub client_publish: bool,
+    /// Whether anonymous clients may subscribe and publish here.
+    pub allow_anonymous: bool,
+    /// What happens when a subscriber cannot keep up.
+    pub slow_consumer: SlowConsumerPolicy,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowConsumerPolicy {
+    /// Drop the client's queue and close with 4004; it reconnects and recovers.
+    Disconnect,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            request_timeout_ms: 5_000,
+            subscription_capacity: 65_536,
+            publish_queue: 65_536,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            filter: "info".into(),
+        }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            http_addr: "127.0.0.1:8080".into(),
+            api_key: Secret::default(),
+            workers: 0,
+            max_message_size: 64 * 1024,
+            connect_timeout_ms: 10_000,
+            ping_interval_ms: 25_000,
+            outbound_buffer_bytes: 1024 * 1024,
+            max_batch_bytes: 16 * 1024,
+            allow_anonymous: true,
+            max_pending_while_subscribing: 1_000,
+            max_subscriptions_per_connection: 512,
+            max_inflight_per_connection: 256,
+            drain_retry_after_ms: 2_000,
+            drain_timeout_ms: 5_000,
+            node_name: String::new(),
+        }
+    }
+}
+
+impl Default for BroadcastConfig {
+    fn default() -> Self {
+        Self {
+            http_addr: "127.0.0.1:8081".into(),
+            shards: 0,
+            history_max_limit: 1_000,
+            max_data_bytes: 64 * 1024,
+            shard_mailbox: 16_384,
+            idempotency_window_secs: 300,
+            channel_idle_secs: 3_600,
+        }
+    }
+}
+
+impl Default for NamespaceConfig {
+    fn default() -> Self {
+        Self {
+            history_size: 100,
+            history_ttl_secs: 300,
+            client_publish: true,
+            allow_anonymous: true,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
+        }
+    }
+}
+
+impl Config {
+    /// Loads from `RT_CONFIG` (if set) and the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        let file = vars
+            .iter()
+            .find(|(k, _)| k == "RT_CONFIG")
+            .map(|(_, v)| v.clone());
+        Self::load(file.as_deref().map(Path::new), &vars)
+    }
+
+    /// Loads from an optional file and explicit `RT_…` variables (tests pass their own).
+    pub fn load(file: Option<&Path>, vars: &[(String, String)]) -> Result<Self, ConfigError> {
+        let (mut table, path) = match file {
+            Some(path) => {
+                let shown = path.display().to_string();
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: shown.clone(),
+                    source,
+                })?;
+                let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: shown.clone(),
+                    message: e.to_string(),
+                })?;
+                (table, shown)
+            }
+            None => (toml::Table::new(), "(none)".to_owned()),
+        };
+        for (var, value) in vars {
+            if let Some(key) = env_key(var) {
+                set_path(&mut table, &key, parse_env_value(value)).map_err(|message| {
+                    ConfigError::Env {
+                        var: var.clone(),
+                        message,
+                    }
+                })?;
+            }
+        }
+        let config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path,
+                    message: e.to_string(),
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot, naming the key at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key: key.to_owned(),
+                message: message.into(),
+            }
+        }
+        if !(self.nats.url.starts_with("nats://") || self.nats.url.starts_with("tls://")) {
+            return Err(invalid("nats.url", "must start with nats:// or tls://"));
+        }
+        if self.nats.request_timeout_ms == 0 {
+            return Err(invalid("nats.request_timeout_ms", "must be > 0"));
+        }
+        if self.nats.publish_queue == 0 || self.nats.subscription_capacity == 0 {
+            return Err(invalid("nats.publish_queue", "queues must be > 0"));
+        }
+        for (key, addr) in [
+            ("gateway.http_addr", &self.gateway.http_addr),
+            ("broadcast.http_addr", &self.broadcast.http_addr),
+        ] {
+            addr.parse::<SocketAddr>()
+                .map_err(|e| invalid(key, format!("{addr:?} is not ip:port ({e})")))?;
+        }
+        let g = &self.gateway;
+        if g.max_message_size < 256 {
+            return Err(invalid(
+                "gateway.max_message_size",
+                "must be at least 256 bytes",
+            ));
+        }
+        if g.outbound_buffer_bytes < 4096 {
+            return Err(invalid(
+                "gateway.outbound_buffer_bytes",
+                "must be at least 4096 bytes",
+            ));
+        }
+        if g.max_batch_bytes == 0 || g.max_batch_bytes > g.outbound_buffer_bytes {
+            return Err(invalid(
+                "gateway.max_batch_bytes",
+                "must be > 0 and not above outbound_buffer_bytes",
+            ));
+        }
+        for (key, value) in [
+            ("gateway.connect_timeout_ms", g.connect_timeout_ms),
+            ("gateway.ping_interval_ms", g.ping_interval_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be > 0"));
+            }
+        }
+        if g.max_inflight_per_connection == 0 {
+            return Err(invalid(
+                "gateway.max_inflight_per_connection",
+                "must be > 0",
+            ));
+        }
+        if self.broadcast.history_max_limit == 0 {
+            return Err(invalid("broadcast.history_max_limit", "must be > 0"));
+        }
+        if self.broadcast.shard_mailbox == 0 {
+            return Err(invalid("broadcast.shard_mailbox", "must be > 0"));
+        }
+        for name in self.namespaces.keys() {
+            if name.is_empty() || rt_proto::channel::validate(name).is_err() || name.contains(':') {
+                return Err(invalid(
+                    &format!("namespaces.{name}"),
+                    "a namespace name uses the channel alphabet and has no ':'",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The namespace options for a validated channel, or `None` when its
+    /// namespace is not configured (error 102).
+    pub fn namespace(&self, channel: &rt_proto::ChannelName) -> Option<&NamespaceConfig> {
+        match channel.namespace() {
+            None => Some(&self.default_namespace),
+            Some(ns) => self.namespaces.get(ns),
+        }
+    }
+}
+
+/// Maps `RT_SECTION__KEY` or a shorthand to a dotted key path.
+fn env_key(var: &str) -> Option<String> {
+    if let Some((_, path)) = SHORTHANDS.iter().find(|(name, _)| *name == var) {
+        return Some((*path).to_owned());
+    }
+    let rest = var.strip_prefix("RT_")?;
+    if !rest.contains("__") {
+        return None;
+    }
+    Some(
+        rest.split("__")
+            .map(str::to_ascii_lowercase)
+            .collect::<Vec<_>>()
+            .join("."),
+    )
+}
+
+/// Reads an env value as TOML when it parses as a scalar (numbers, booleans),
+/// else as a plain string, so `RT_GATEWAY__WORKERS=4` and `RT_NATS_URL=nats://…` both work.
+fn parse_env_value(value: &str) -> toml::Value {
+    let wrapped = format!("v = {value}");
+    match toml::from_str::<toml::Table>(&wrapped) {
+        Ok(mut t) => match t.remove("v") {
+            Some(
+                v @ (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_)),
+            ) => v,
+            _ => toml::Value::String(value.to_owned()),
+        },
+        Err(_) => toml::Value::String(value.to_owned()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &str, value: toml::Value) -> Result<(), String> {
+    let mut parts = path.split('.').peekable();
+    let mut current = table;
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            current.insert(part.to_owned(), value);
+            return Ok(());
+        }
+        let entry = current
+            .entry(part.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("{part} is not a table"))?;
+    }
+    Err("empty key".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::load(None, &[]).expect("defaults load");
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rt.toml");
+        std::fs::write(
+            &path,
+            "[gateway]\nworkers = 3\nmax_message_size = 1024\n[namespaces.chat]\nhistory_size = 5\n",
+        )
+        .expect("write");
+        let config = Config::load(
+            Some(&path),
+            &vars(&[
+                ("RT_GATEWAY__WORKERS", "2"),
+                ("RT_HTTP_ADDR", "127.0.0.1:0"),
+                ("RT_API_KEY", "k"),
+                ("RT_NAMESPACES__CHAT__CLIENT_PUBLISH", "false"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(config.gateway.workers, 2);
+        assert_eq!(config.gateway.max_message_size, 1024);
+        assert_eq!(config.gateway.http_addr, "127.0.0.1:0");
+        assert_eq!(config.gateway.api_key.expose(), "k");
+        let chat = &config.namespaces["chat"];
+        assert_eq!(chat.history_size, 5);
+        assert!(!chat.client_publish);
+        assert_eq!(format!("{:?}", config.gateway.api_key), "\"***\"");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err =
+            Config::load(None, &vars(&[("RT_GATEWAY__WROKERS", "2")])).expect_err("unknown key");
+        assert!(err.to_string().contains("wrokers"), "{err}");
+        let err = Config::load(None, &vars(&[("RT_HTTP_ADDR", "nowhere")])).expect_err("bad addr");
+        assert!(err.to_string().contains("gateway.http_addr"), "{err}");
+        let err =
+            Config::load(None, &vars(&[("RT_GATEWAY__WORKERS", "many")])).expect_err("bad type");
+        assert!(err.to_string().contains("workers"), "{err}");
+        let err = Config::load(None, &vars(&[("RT_NATS_URL", "http://x")])).expect_err("bad url");
+        assert!(err.to_string().contains("nats.url"), "{err}");
+        let err = Config::load(None, &vars(&[("RT_NAMESPACES__BAD:NS__HISTORY_SIZE", "1")]))
+            .expect_err("bad namespace");
+        assert!(err.to_string().contains("namespaces.bad:ns"), "{err}");
+        let err =
+            Config::load(Some(Path::new("/nonexistent/rt.toml")), &[]).expect_err("missing file");
+        assert!(err.to_string().contains("/nonexistent/rt.toml"), "{err}");
+    }
+
+    #[test]
+    fn the_dev_config_in_the_repo_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/dev.toml");
+        let config = Config::load(Some(&path), &[]).expect("config/dev.toml is valid");
+        assert!(config.namespaces.contains_key("chat"));
+        assert!(!config.namespaces["news"].client_publish);
+    }
+
+    #[test]
+    fn bad_toml_file_is_reported_with_its_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[gateway\n").expect("write");
+        let err = Config::load(Some(&path), &[]).expect_err("parse error");
+        assert!(err.to_string().contains("bad.toml"), "{err}");
+    }
+}

@@ -1,0 +1,51 @@
+//! Test harness for end-to-end tests: a real `nats-server` on a free port,
+//! the real services in-process on port 0, and a real WebSocket client that
+//! speaks the public protocol.
+//!
+//! - [`NatsServer`]: started per test, JetStream on, temp dir, killed on drop.
+//! - [`TestCluster`]: NATS + broadcast + N gateways, configured per test.
+//! - [`WsClient`]: a protocol client over tokio-tungstenite, both encodings.
+//! - [`http`]: a minimal HTTP/1.1 client for `/api/*` and ops endpoints.
+
+#![allow(
+    clippy::expect_used,
+    reason = "test code: a failed expectation is a failed test"
+)]
+
+pub mod cluster;
+pub mod http;
+pub mod nats;
+pub mod ws_client;
+
+pub use cluster::TestCluster;
+pub use nats::NatsServer;
+pub use ws_client::{WsClient, WsEncoding};
+
+use std::future::Future;
+use std::time::Duration;
+
+/// Every await in a test runs under a deadline.
+pub async fn within<T>(what: &str, duration: Duration, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(duration, fut).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {duration:?} waiting for {what}"),
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `duration`.
+pub async fn eventually<T, F, Fut>(what: &str, duration: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + duration;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("condition not met within {duration:?}: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,98 @@
+//! A throwaway nats-server per test.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A nats-server with JetStream in a temp dir, on a free loopback port.
+/// Killed, and its directory removed, on drop.
+pub struct NatsServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let binary = find_binary();
+        let dir = tempfile::tempdir().expect("temp dir for JetStream");
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new(&binary)
+                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+            if wait_for_port(port, Duration::from_secs(10)) {
+                return Self {
+                    child,
+                    port,
+                    _dir: dir,
+                };
+            }
+            // Lost a race for the port: try another.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("nats-server did not start");
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn find_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("RT_NATS_SERVER_BIN") {
+        return PathBuf::from(path);
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    let debian = PathBuf::from("/usr/sbin/nats-server");
+    if debian.is_file() {
+        return debian;
+    }
+    panic!(
+        "nats-server not found: install it (scripts/install-nats-server) or set RT_NATS_SERVER_BIN"
+    );
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}

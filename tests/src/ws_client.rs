@@ -1,0 +1,256 @@
+//! A WebSocket client that speaks the public protocol, for tests.
+//!
+//! Messages are handled as `serde_json::Value` whatever the wire encoding,
+//! so one test body can run over both encodings.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::within;
+
+const STEP: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WsEncoding {
+    MsgPack,
+    Json,
+}
+
+impl WsEncoding {
+    pub const BOTH: [WsEncoding; 2] = [WsEncoding::MsgPack, WsEncoding::Json];
+
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            WsEncoding::MsgPack => "rt.v1.msgpack",
+            WsEncoding::Json => "rt.v1.json",
+        }
+    }
+}
+
+pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct WsClient {
+    pub ws: Socket,
+    pub encoding: WsEncoding,
+    next_id: u32,
+    inbox: VecDeque<Value>,
+}
+
+impl WsClient {
+    /// Opens a socket offering exactly `protocols` (may be empty).
+    pub async fn open_with_protocols(
+        url: &str,
+        protocols: &[&str],
+    ) -> Result<(Socket, Option<String>), tungstenite::Error> {
+        let mut request = url.into_client_request()?;
+        if !protocols.is_empty() {
+            let value = protocols.join(", ");
+            request.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                value.parse().map_err(|_| {
+                    tungstenite::Error::Url(tungstenite::error::UrlError::NoHostName)
+                })?,
+            );
+        }
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(64 << 20))
+            .max_frame_size(Some(64 << 20));
+        let (ws, response) =
+            tokio_tungstenite::connect_async_with_config(request, Some(config), false).await?;
+        let chosen = response
+            .headers()
+            .get("Sec-WebSocket-Protocol")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Ok((ws, chosen))
+    }
+
+    /// Opens a socket in `encoding` (no `connect` sent yet).
+    pub async fn open(url: &str, encoding: WsEncoding) -> Self {
+        let (ws, chosen) = within(
+            "websocket handshake",
+            STEP,
+            Self::open_with_protocols(url, &[encoding.subprotocol()]),
+        )
+        .await
+        .expect("websocket handshake");
+        assert_eq!(
+            chosen.as_deref(),
+            Some(encoding.subprotocol()),
+            "negotiated subprotocol"
+        );
+        Self {
+            ws,
+            encoding,
+            next_id: 1,
+            inbox: VecDeque::new(),
+        }
+    }
+
+    /// Opens a socket and completes an anonymous `connect`.
+    pub async fn connected(url: &str, encoding: WsEncoding) -> Self {
+        let mut client = Self::open(url, encoding).await;
+        let reply = client.command("connect", json!({})).await;
+        assert!(reply.get("ok").is_some(), "connect failed: {reply}");
+        client
+    }
+
+    /// Encodes one message in this client's encoding.
+    pub fn encode(&self, message: &Value) -> Message {
+        match self.encoding {
+            WsEncoding::Json => Message::text(message.to_string()),
+            WsEncoding::MsgPack => Message::binary(rt_proto::value::encode(
+                &rt_proto::value::from_json(message),
+            )),
+        }
+    }
+
+    pub async fn send(&mut self, message: &Value) {
+        let frame = self.encode(message);
+        self.send_raw(frame).await;
+    }
+
+    pub async fn send_raw(&mut self, frame: Message) {
+        within("send", STEP, self.ws.send(frame))
+            .await
+            .expect("send frame");
+    }
+
+    /// Sends `op` with `args` and a fresh id; returns the reply (`ok` or `error`),
+    /// keeping pushes that arrive meanwhile for later.
+    pub async fn command(&mut self, op: &str, args: Value) -> Value {
+        let id = self.send_command(op, args).await;
+        self.reply(id).await
+    }
+
+    /// Sends a command without waiting; returns its id.
+    pub async fn send_command(&mut self, op: &str, mut args: Value) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        args["id"] = json!(id);
+        args["op"] = json!(op);
+        self.send(&args).await;
+        id
+    }
+
+    /// Waits for the reply to `id`.
+    pub async fn reply(&mut self, id: u32) -> Value {
+        if let Some(pos) = self.inbox.iter().position(|m| m["id"] == json!(id)) {
+            return self.inbox.remove(pos).unwrap_or_default();
+        }
+        loop {
+            let messages = self.read_frame().await;
+            let mut found = None;
+            for message in messages {
+                if found.is_none() && message["id"] == json!(id) {
+                    found = Some(message);
+                } else {
+                    self.inbox.push_back(message);
+                }
+            }
+            if let Some(reply) = found {
+                return reply;
+            }
+        }
+    }
+
+    /// A message already received and waiting, or one that arrives within 200 ms.
+    pub fn next_message_now(&mut self) -> Option<Value> {
+        self.inbox.pop_front()
+    }
+
+    /// Whether a push of `kind` was already read and is waiting.
+    pub fn inbox_has_push(&self, kind: &str) -> bool {
+        self.inbox.iter().any(|m| m["push"] == json!(kind))
+    }
+
+    /// The next message of any kind.
+    pub async fn next_message(&mut self) -> Value {
+        loop {
+            if let Some(message) = self.inbox.pop_front() {
+                return message;
+            }
+            let messages = self.read_frame().await;
+            self.inbox.extend(messages);
+        }
+    }
+
+    /// The next push of `kind` (skipping other pushes).
+    pub async fn next_push(&mut self, kind: &str) -> Value {
+        loop {
+            let message = self.next_message().await;
+            if message["push"] == json!(kind) {
+                return message;
+            }
+        }
+    }
+
+    /// Reads frames until the server closes; returns the close code and reason.
+    pub async fn closed(&mut self) -> (u16, String) {
+        loop {
+            match within("close", STEP, self.ws.next()).await {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.to_string());
+                }
+                Some(Ok(Message::Close(None))) => return (1005, String::new()),
+                Some(Ok(_)) => continue,
+                Some(Err(error)) => panic!("socket error while waiting for close: {error}"),
+                None => panic!("socket ended without a close frame"),
+            }
+        }
+    }
+
+    /// Reads one data frame and splits it into messages.
+    async fn read_frame(&mut self) -> Vec<Value> {
+        loop {
+            let frame = within("a frame from the server", STEP, self.ws.next()).await;
+            match frame {
+                Some(Ok(Message::Binary(bytes))) => {
+                    assert_eq!(
+                        self.encoding,
+                        WsEncoding::MsgPack,
+                        "binary frame on a JSON connection"
+                    );
+                    return split_msgpack(&bytes);
+                }
+                Some(Ok(Message::Text(text))) => {
+                    assert_eq!(
+                        self.encoding,
+                        WsEncoding::Json,
+                        "text frame on a MessagePack connection"
+                    );
+                    return text
+                        .split('\n')
+                        .filter(|l| !l.trim().is_empty())
+                        .map(|l| {
+                            serde_json::from_str(l)
+                                .unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}"))
+                        })
+                        .collect();
+                }
+                Some(Ok(Message::Close(frame))) => panic!("unexpected close: {frame:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(error)) => panic!("socket error: {error}"),
+                None => panic!("socket ended"),
+            }
+        }
+    }
+}
+
+/// Concatenated MessagePack maps → JSON values.
+pub fn split_msgpack(mut bytes: &[u8]) -> Vec<Value> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let value = rmpv::decode::read_value(&mut bytes).expect("server sent valid MessagePack");
+        out.push(rt_proto::value::to_json_lossy(&value));
+    }
+    out
+}

@@ -1,0 +1,19 @@
+//! End-to-end tests: a real nats-server, the real services, a real WebSocket
+//! client speaking the public protocol from outside.
+
+#![allow(
+    clippy::expect_used,
+    reason = "test code: a failed expectation is a failed test"
+)]
+
+mod delivery;
+mod http_api;
+mod lifecycle;
+mod protocol;
+
+use std::time::Duration;
+
+pub use rt_tests::cluster::API_KEY;
+pub use rt_tests::{TestCluster, WsClient, WsEncoding, eventually, within};
+
+pub const STEP: Duration = Duration::from_secs(10);

@@ -1,0 +1,131 @@
+//! Command line: one subcommand per scenario, each flattening the options all scenarios
+//! share ([`Common`]).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::clock::parse_duration;
+use crate::scenario::fanout;
+use crate::wire::Encoding;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rtload",
+    version,
+    about = "Load generator for the realtime platform",
+    long_about = "Load generator for the realtime platform. Publishes on an open-loop schedule \
+                  (latency is measured from each message's intended send time, so a slow \
+                  server cannot hide its slowness) and reports HDR percentiles. Progress goes \
+                  to stderr once a second; the final report to stdout."
+)]
+pub struct Cli {
+    /// Tokio worker threads (default: one per core).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Scenario {
+    /// Many subscribers on one channel, paced publications: publish-to-deliver latency
+    /// and delivery under fan-out.
+    Fanout(fanout::Args),
+}
+
+/// Options every scenario takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Common {
+    /// Gateway WebSocket endpoint (ws:// only).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    pub url: String,
+
+    /// Gateway HTTP base URL, for `/api/*`.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub http: String,
+
+    /// API key for `/api/*` (`Authorization: apikey KEY`).
+    #[arg(long, default_value = "dev-api-key")]
+    pub api_key: String,
+
+    /// Wire encoding (subprotocol rt.v1.msgpack or rt.v1.json).
+    #[arg(long, value_enum, default_value_t = Encoding::Msgpack)]
+    pub encoding: Encoding,
+
+    /// Measured time, after the warmup (e.g. 20s, 2m).
+    #[arg(long, value_parser = parse_duration, default_value = "20s")]
+    pub duration: Duration,
+
+    /// Load before measuring; its samples are discarded.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    pub warmup: Duration,
+
+    /// Source addresses, comma-separated (e.g. 127.0.0.1,127.0.0.2): connections are spread
+    /// over them round-robin, each address bringing its own ephemeral ports.
+    #[arg(long, value_delimiter = ',')]
+    pub bind_ip: Vec<IpAddr>,
+
+    /// Connections being set up at once.
+    #[arg(long, default_value_t = 200)]
+    pub connect_concurrency: usize,
+
+    /// Limit for each setup step (TCP, WebSocket handshake, each command's reply).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub connect_timeout: Duration,
+
+    /// After the last send, how long to wait for outstanding acks and deliveries.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    pub drain: Duration,
+
+    /// Also write the final report as JSON to this file.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn fanout_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "rtload",
+            "fanout",
+            "--subscribers",
+            "10",
+            "--rate",
+            "50",
+            "--duration",
+            "2s",
+            "--warmup",
+            "500ms",
+            "--encoding",
+            "json",
+            "--publish-via",
+            "http",
+            "--bind-ip",
+            "127.0.0.2,127.0.0.3",
+            "--json-out",
+            "r.json",
+        ])
+        .unwrap();
+        let Scenario::Fanout(args) = cli.scenario;
+        assert_eq!(args.subscribers, 10);
+        assert_eq!(args.common.duration, Duration::from_secs(2));
+        assert_eq!(args.common.warmup, Duration::from_millis(500));
+        assert_eq!(args.common.encoding, Encoding::Json);
+        assert_eq!(args.common.bind_ip.len(), 2);
+        assert_eq!(args.channel, "bench:fanout");
+    }
+}

@@ -1,0 +1,238 @@
+//! Open-loop pacing: send `n` is due at `start + n / rate`, whatever happened to the sends
+//! before it. A slow server or a slow transport never delays the schedule; it makes sends
+//! late, and latency is measured from the intended time, so the lateness is counted
+//! (no coordinated omission).
+//!
+//! The pacer runs on its own OS thread: `std::thread::sleep` wakes within tens of
+//! microseconds, where tokio's timer wheel rounds every sleep up to the next millisecond,
+//! which at 1000 msg/s would add up to 1 ms of the generator's own jitter to each sample.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::Result;
+
+/// A send that happens more than this after its intended time counts as late: the
+/// generator (or the transport it feeds) fell behind schedule.
+pub const LATE: Duration = Duration::from_millis(10);
+
+/// The intended send times of an open-loop run.
+#[derive(Clone, Copy, Debug)]
+pub struct Schedule {
+    start: Instant,
+    rate: f64,
+}
+
+impl Schedule {
+    pub fn new(start: Instant, rate_per_sec: f64) -> Result<Self> {
+        if !(rate_per_sec.is_finite() && rate_per_sec > 0.0) {
+            return Err(format!("rate must be a positive number, got {rate_per_sec}").into());
+        }
+        Ok(Schedule {
+            start,
+            rate: rate_per_sec,
+        })
+    }
+
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// When send `n` (0-based) is due, relative to the start. Computed from `n` directly,
+    /// never by adding intervals, so rounding cannot drift over a long run.
+    pub fn offset(&self, n: u64) -> Duration {
+        let nanos = (n as f64 * 1e9 / self.rate).ceil();
+        Duration::from_nanos(if nanos >= u64::MAX as f64 {
+            u64::MAX
+        } else {
+            nanos as u64
+        })
+    }
+
+    pub fn at(&self, n: u64) -> Instant {
+        self.start + self.offset(n)
+    }
+
+    /// How many sends are due strictly before `d` after the start: sends `0..count_before(d)`
+    /// fall in `[0, d)`. Exact with respect to [`Schedule::offset`].
+    pub fn count_before(&self, d: Duration) -> u64 {
+        let mut n = (d.as_secs_f64() * self.rate).ceil() as u64;
+        while n > 0 && self.offset(n - 1) >= d {
+            n -= 1;
+        }
+        while self.offset(n) < d {
+            n += 1;
+        }
+        n
+    }
+}
+
+/// Which sends are measured: those in `[first, end)` (by sequence number, so the window is
+/// defined by the schedule, not by when anything arrived).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub first: u64,
+    pub end: u64,
+}
+
+impl Window {
+    pub fn of(schedule: &Schedule, warmup: Duration, duration: Duration) -> Self {
+        Window {
+            first: schedule.count_before(warmup),
+            end: schedule.count_before(warmup + duration),
+        }
+    }
+
+    pub fn contains(&self, seq: u64) -> bool {
+        (self.first..self.end).contains(&seq)
+    }
+
+    pub fn count(&self) -> u64 {
+        self.end - self.first
+    }
+}
+
+/// One send handed to the transport.
+#[derive(Clone, Copy, Debug)]
+pub struct Tick {
+    pub seq: u64,
+    pub intended: Instant,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct PacerOutcome {
+    /// Sends handed to the transport.
+    pub emitted: u64,
+    /// Stopped early (interrupt, or the transport went away).
+    pub cut_short: bool,
+}
+
+/// Starts the pacer thread: it hands sends `0..total` to `tx` at their intended times and
+/// reports how it went when done. `stop` ends it early.
+pub fn spawn(
+    schedule: Schedule,
+    total: u64,
+    tx: mpsc::Sender<Tick>,
+    stop: Arc<AtomicBool>,
+) -> Result<oneshot::Receiver<PacerOutcome>> {
+    let (done_tx, done_rx) = oneshot::channel();
+    thread::Builder::new()
+        .name("rtload-pacer".into())
+        .spawn(move || {
+            let mut emitted = 0;
+            let mut cut_short = false;
+            'sends: for seq in 0..total {
+                let intended = schedule.at(seq);
+                loop {
+                    if stop.load(Ordering::Relaxed) {
+                        cut_short = true;
+                        break 'sends;
+                    }
+                    let now = Instant::now();
+                    if now >= intended {
+                        break;
+                    }
+                    thread::sleep((intended - now).min(Duration::from_millis(50)));
+                }
+                if tx.blocking_send(Tick { seq, intended }).is_err() {
+                    cut_short = true;
+                    break;
+                }
+                emitted += 1;
+            }
+            drop(tx);
+            // The receiver may be gone if the run was abandoned; nothing to tell then.
+            let _ = done_tx.send(PacerOutcome { emitted, cut_short });
+        })?;
+    Ok(done_rx)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn schedule(rate: f64) -> Schedule {
+        Schedule::new(Instant::now(), rate).unwrap()
+    }
+
+    #[test]
+    fn offsets_follow_the_rate_without_drift() {
+        let s = schedule(1000.0);
+        assert_eq!(s.offset(0), Duration::ZERO);
+        assert_eq!(s.offset(1), Duration::from_millis(1));
+        assert_eq!(s.offset(3_600_000), Duration::from_secs(3600));
+        let s = schedule(3.0);
+        assert_eq!(s.offset(1), Duration::from_nanos(333_333_334));
+        assert_eq!(s.offset(3), Duration::from_secs(1));
+        assert_eq!(schedule(0.5).offset(3), Duration::from_secs(6));
+    }
+
+    #[test]
+    fn count_before_is_exact_at_boundaries() {
+        let s = schedule(1000.0);
+        assert_eq!(s.count_before(Duration::ZERO), 0);
+        assert_eq!(s.count_before(Duration::from_nanos(1)), 1);
+        assert_eq!(s.count_before(Duration::from_secs(1)), 1000);
+        assert_eq!(s.count_before(Duration::from_nanos(1_000_000_001)), 1001);
+        assert_eq!(schedule(3.0).count_before(Duration::from_secs(1)), 3);
+        assert_eq!(schedule(0.5).count_before(Duration::from_secs(3)), 2);
+        for rate in [1.0, 7.0, 333.3, 1000.0, 12_345.0] {
+            let s = schedule(rate);
+            for ms in [1u64, 10, 999, 1000, 1001, 20_000] {
+                let d = Duration::from_millis(ms);
+                let n = s.count_before(d);
+                assert!(n == 0 || s.offset(n - 1) < d, "rate {rate} d {d:?}");
+                assert!(s.offset(n) >= d, "rate {rate} d {d:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn window_counts_measured_sends() {
+        let s = schedule(1000.0);
+        let w = Window::of(&s, Duration::from_secs(3), Duration::from_secs(20));
+        assert_eq!((w.first, w.end, w.count()), (3000, 23_000, 20_000));
+        assert!(!w.contains(2999) && w.contains(3000) && w.contains(22_999) && !w.contains(23_000));
+    }
+
+    #[test]
+    fn rejects_nonsense_rates() {
+        for rate in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(Schedule::new(Instant::now(), rate).is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn pacer_emits_on_schedule_and_in_order() {
+        let s = Schedule::new(Instant::now(), 2000.0).unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let done = spawn(s, 100, tx, Arc::new(AtomicBool::new(false))).unwrap();
+        let mut seqs = Vec::new();
+        while let Some(tick) = rx.recv().await {
+            assert!(Instant::now() >= tick.intended);
+            assert_eq!(tick.intended, s.at(tick.seq));
+            seqs.push(tick.seq);
+        }
+        assert_eq!(seqs, (0..100).collect::<Vec<_>>());
+        let outcome = done.await.unwrap();
+        assert_eq!((outcome.emitted, outcome.cut_short), (100, false));
+    }
+
+    #[tokio::test]
+    async fn pacer_stops_when_asked() {
+        let s = Schedule::new(Instant::now(), 1.0).unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = spawn(s, 1000, tx, stop.clone()).unwrap();
+        assert_eq!(rx.recv().await.unwrap().seq, 0);
+        stop.store(true, Ordering::Relaxed);
+        let outcome = done.await.unwrap();
+        assert!(outcome.cut_short);
+        assert_eq!(outcome.emitted, 1);
+    }
+}

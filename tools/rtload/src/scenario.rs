@@ -1,0 +1,16 @@
+//! Scenarios, one module each. A scenario takes its own `Args` (with [`crate::cli::Common`]
+//! flattened in), runs, prints its report and returns the exit code. To add one: a module
+//! here, a variant in [`crate::cli::Scenario`], an arm in [`run`].
+
+pub mod fanout;
+
+use std::process::ExitCode;
+
+use crate::cli::Scenario;
+use crate::error::Result;
+
+pub async fn run(scenario: Scenario) -> Result<ExitCode> {
+    match scenario {
+        Scenario::Fanout(args) => fanout::run(args).await,
+    }
+}
