@@ -297,14 +297,22 @@ fn subs(e: &Envelope) -> Result<Vec<(String, SubRequest)>, CommandError> {
     Ok(out)
 }
 
-/// `data` (any value) or, for JSON clients, `data_b64`. Missing data is nil
-/// unless `required`.
 fn data(e: &Envelope, encoding: Encoding, required: bool) -> Result<Bytes, CommandError> {
+    data_field(&e.fields, encoding, required)
+}
+
+/// `data` (any value) or, in JSON, `data_b64`, as raw MessagePack. Missing
+/// data is nil unless `required`. Shared with the HTTP API's bodies.
+pub fn data_field(
+    fields: &[(Value, Value)],
+    encoding: Encoding,
+    required: bool,
+) -> Result<Bytes, CommandError> {
     let b64 = match encoding {
-        Encoding::Json => e.get("data_b64"),
+        Encoding::Json => field(fields, "data_b64"),
         Encoding::MsgPack => None,
     };
-    match (e.get("data"), b64) {
+    match (field(fields, "data"), b64) {
         (Some(_), Some(_)) => Err(CommandError::bad("send data or data_b64, not both")),
         (Some(v), None) => Ok(Bytes::from(value::encode(v))),
         (None, Some(Value::String(s))) => {

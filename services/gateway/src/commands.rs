@@ -10,6 +10,8 @@ use rt_proto::command::{Command, ConnectArgs, Envelope, SubRequest};
 use rt_proto::internal::{HistoryRequest, PubInfo, RecoverReply, StreamPosition};
 use rt_proto::outbound::{self, ErrorBody, Out};
 use rt_proto::{ChannelName, CloseCode, ErrorCode};
+use rt_shared::BusError;
+use rt_shared::broadcast_client::Pending;
 use rt_shared::trace_context::TraceContext;
 
 use crate::connection::{Connection, Phase, SubSlot};
@@ -429,32 +431,19 @@ impl Connection {
             info: None,
         };
         let trace = TraceContext::new_root(true);
-        let pending = match self.app.broadcast.publish_data(
+        let sent = self.app.broadcast.publish_data(
             &channel,
             data,
             Some(info),
             idempotency_key,
             Some(&trace),
-        ) {
-            Ok(pending) => pending,
-            Err(error) => {
-                self.inflight -= 1;
-                return self.reply_error(id, &bus_error(&error));
-            }
-        };
-        ctx.spawn(pending.wait().into_actor(self).map(move |result, conn, _| {
-            conn.inflight -= 1;
-            match result {
-                Ok(ack) => conn.reply_ok(
-                    id,
-                    Out::map([
-                        ("offset", Out::UInt(ack.offset)),
-                        ("epoch", Out::str(ack.epoch)),
-                    ]),
-                ),
-                Err(error) => conn.reply_error(id, &bus_error(&error)),
-            }
-        }));
+        );
+        self.forward(id, sent, ctx, |ack| {
+            Out::map([
+                ("offset", Out::UInt(ack.offset)),
+                ("epoch", Out::str(ack.epoch)),
+            ])
+        });
     }
 
     fn history(
@@ -480,7 +469,29 @@ impl Connection {
             reverse,
         };
         let trace = TraceContext::new_root(true);
-        let pending = match self.app.broadcast.history(&channel, &request, Some(&trace)) {
+        let sent = self.app.broadcast.history(&channel, &request, Some(&trace));
+        self.forward(id, sent, ctx, |reply| {
+            Out::map([
+                (
+                    "pubs",
+                    Out::Array(reply.pubs.iter().map(outbound::publication).collect()),
+                ),
+                ("offset", Out::UInt(reply.offset)),
+                ("epoch", Out::str(reply.epoch)),
+            ])
+        });
+    }
+
+    /// Awaits a request sent to another service and replies with `to_result`
+    /// of its answer, or the mapped error. The caller has taken an in-flight slot.
+    fn forward<T: serde::de::DeserializeOwned + 'static>(
+        &mut self,
+        id: u32,
+        sent: Result<Pending<T>, BusError>,
+        ctx: &mut Ctx,
+        to_result: impl FnOnce(T) -> Out + 'static,
+    ) {
+        let pending = match sent {
             Ok(pending) => pending,
             Err(error) => {
                 self.inflight -= 1;
@@ -490,17 +501,7 @@ impl Connection {
         ctx.spawn(pending.wait().into_actor(self).map(move |result, conn, _| {
             conn.inflight -= 1;
             match result {
-                Ok(reply) => conn.reply_ok(
-                    id,
-                    Out::map([
-                        (
-                            "pubs",
-                            Out::Array(reply.pubs.iter().map(outbound::publication).collect()),
-                        ),
-                        ("offset", Out::UInt(reply.offset)),
-                        ("epoch", Out::str(reply.epoch)),
-                    ]),
-                ),
+                Ok(answer) => conn.reply_ok(id, to_result(answer)),
                 Err(error) => conn.reply_error(id, &bus_error(&error)),
             }
         }));

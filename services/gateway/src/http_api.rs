@@ -196,27 +196,8 @@ fn str_field(fields: &[(Value, Value)], key: &str) -> Result<Option<String>, Api
 
 /// `data`, or `data_b64` in JSON bodies, as raw MessagePack.
 fn data_field(req: &HttpRequest, fields: &[(Value, Value)]) -> Result<Bytes, ApiError> {
-    let b64 = match request_encoding(req) {
-        Encoding::Json => field(fields, "data_b64"),
-        Encoding::MsgPack => None,
-    };
-    let data = fields
-        .iter()
-        .find(|(k, _)| k.as_str() == Some("data"))
-        .map(|(_, v)| v);
-    match (data, b64) {
-        (Some(_), Some(_)) => Err(ApiError::bad("send data or data_b64, not both")),
-        (Some(v), None) => Ok(Bytes::from(value::encode(v))),
-        (None, Some(Value::String(s))) => {
-            let bytes = s
-                .as_str()
-                .and_then(value::decode_base64)
-                .ok_or_else(|| ApiError::bad("data_b64 is not valid base64"))?;
-            Ok(Bytes::from(value::encode(&Value::Binary(bytes))))
-        }
-        (None, Some(_)) => Err(ApiError::bad("data_b64 must be a string")),
-        (None, None) => Err(ApiError::bad("data is required")),
-    }
+    rt_proto::command::data_field(fields, request_encoding(req), true)
+        .map_err(|e| ApiError::bad(e.message))
 }
 
 fn info_field(fields: &[(Value, Value)]) -> Result<Option<PubInfo>, ApiError> {

@@ -79,3 +79,20 @@ async fn http_traceparent_travels_to_the_delivery() {
     );
     assert_ne!(header, parent, "a new span id per hop");
 }
+
+#[actix_rt::test]
+async fn a_silent_connection_is_closed_as_stale_with_4009() {
+    let cluster = TestCluster::start_with(1, |c| c.gateway.ping_interval_ms = 100).await;
+    let mut client = cluster.client(0, WsEncoding::Json).await;
+    // Not reading means not answering the server's pings either.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(client.closed().await.0, 4009);
+
+    // A client that reads (and so answers pings) stays connected.
+    let mut live = cluster.client(0, WsEncoding::Json).await;
+    for _ in 0..6 {
+        let pong = live.command("ping", json!({})).await;
+        assert_eq!(pong["ok"], json!({}));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
