@@ -150,6 +150,8 @@ pub async fn run(config: Config) -> Result<GatewayHandle, GatewayError> {
             .route("/ws", web::get().to(ws_route::ws_route))
     })
     .workers(workers)
+    // Real-time frames are small: never let Nagle hold one back waiting for an ACK.
+    .tcp_nodelay(true)
     .disable_signals()
     .shutdown_timeout(1)
     .bind(&config.gateway.http_addr)
