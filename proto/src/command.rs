@@ -131,6 +131,8 @@ pub enum Command {
     Rpc {
         method: String,
         data: Bytes,
+        /// Extension: a deadline shorter than the server's default.
+        timeout_ms: Option<u64>,
     },
     Refresh {
         token: String,
@@ -187,6 +189,7 @@ impl Command {
             "rpc" => Command::Rpc {
                 method: req_str(e, "method")?,
                 data: data(e, encoding, false)?,
+                timeout_ms: opt_u64(e, "timeout_ms")?,
             },
             "refresh" => Command::Refresh {
                 token: req_str(e, "token")?,

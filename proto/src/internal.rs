@@ -98,6 +98,9 @@ pub struct RecoverReply {
 pub struct WireError {
     pub code: ErrorCode,
     pub message: String,
+    /// For temporary errors (113): when to retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl WireError {
@@ -105,7 +108,13 @@ impl WireError {
         Self {
             code,
             message: message.into(),
+            retry_after_ms: None,
         }
+    }
+
+    pub fn with_retry_after(mut self, ms: u64) -> Self {
+        self.retry_after_ms = Some(ms);
+        self
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`outbound`]: replies and pushes, encoded once per encoding.
 //! - [`value`]: MessagePack ↔ JSON conversion rules.
 //! - [`internal`]: service-to-service envelopes; [`subject`]: every NATS subject.
+//! - [`rpc`]: the public RPC request/reply shapes on `rt.rpc.<method>`.
 //! - [`channel`]: channel-name validation; [`codes`]: error and close codes.
 //!
 //! No I/O lives here.
@@ -16,6 +17,7 @@ pub mod encoding;
 pub mod frame;
 pub mod internal;
 pub mod outbound;
+pub mod rpc;
 pub mod subject;
 pub mod value;
 

@@ -144,6 +144,15 @@ pub fn push_unsubscribed(channel: &str, code: ErrorCode, reason: &str) -> Out {
     ])
 }
 
+/// `{"push": "rpc_part", id, data}`: a partial result of call `id`.
+pub fn push_rpc_part(id: u32, data: Bytes) -> Out {
+    Out::map([
+        ("push", Out::str("rpc_part")),
+        ("id", Out::UInt(u64::from(id))),
+        ("data", Out::Data(data)),
+    ])
+}
+
 /// `{"push": "disconnect", code, reason, reconnect, retry_after_ms?}`.
 pub fn push_disconnect(
     code: u16,

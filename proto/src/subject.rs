@@ -19,8 +19,13 @@ pub const DELIVER_PREFIX: &str = "rt.deliver.";
 /// Public: RPC methods are answered here, in a queue group.
 pub const RPC_PREFIX: &str = "rt.rpc.";
 
+/// Internal: asks whoever runs RPC request `<id>` to stop (the client left).
+pub const CANCEL_PREFIX: &str = "rt.cancel.";
+
 /// The queue group every broadcast instance joins.
 pub const BROADCAST_QUEUE: &str = "rt.broadcast";
+/// The queue group every compute instance joins on each method it serves.
+pub const COMPUTE_QUEUE: &str = "rt.compute";
 
 /// Subject for a public publish to `channel`.
 pub fn publish(channel: &ChannelName) -> String {
@@ -50,6 +55,11 @@ pub fn deliver(channel: &ChannelName) -> String {
 /// Subject answering RPC `method` (validated with the channel-name rules).
 pub fn rpc(method: &ChannelName) -> String {
     join(RPC_PREFIX, method.as_str())
+}
+
+/// Subject cancelling RPC request `request_id` (an id made by [`crate::rpc::request_id`]).
+pub fn cancel(request_id: &str) -> String {
+    join(CANCEL_PREFIX, request_id)
 }
 
 /// Wildcard matching every subject that starts with `prefix` (one of the constants above).

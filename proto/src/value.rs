@@ -47,6 +47,33 @@ pub fn decode_prefix(bytes: &[u8]) -> Result<(Value, usize), DecodeValueError> {
     ))
 }
 
+/// One entry of a map read by [`map_entries_raw`]: the key (when a string)
+/// and the raw bytes of the value.
+pub type RawEntry<'a> = (Option<String>, &'a [u8]);
+
+/// The entries of a top-level map, without decoding the values.
+pub fn map_entries_raw(bytes: &[u8]) -> Result<Vec<RawEntry<'_>>, DecodeValueError> {
+    let total = scan(bytes)?;
+    if total != bytes.len() {
+        return Err(DecodeValueError::Trailing(bytes.len() - total));
+    }
+    let mut cursor = bytes;
+    let len = rmp::decode::read_map_len(&mut cursor).map_err(|_| ScanError::Truncated)?;
+    let mut entries = Vec::with_capacity(len.min(64) as usize);
+    for _ in 0..len {
+        let key_len = scan(cursor)?;
+        let key = match decode_prefix(cursor)?.0 {
+            Value::String(s) => s.into_str(),
+            _ => None,
+        };
+        cursor = &cursor[key_len..];
+        let value_len = scan(cursor)?;
+        entries.push((key, &cursor[..value_len]));
+        cursor = &cursor[value_len..];
+    }
+    Ok(entries)
+}
+
 /// Why [`scan`] refused bytes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScanError {

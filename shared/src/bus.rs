@@ -59,10 +59,17 @@ struct Outgoing {
     payload: Bytes,
 }
 
+/// Who waits for replies on a token: one reply, or a stream of partial
+/// replies ended by the first message without the `Rt-Part` header.
+enum Waiter {
+    Once(oneshot::Sender<Message>),
+    Stream(mpsc::Sender<Message>),
+}
+
 struct BusInner {
     client: Client,
     lane: mpsc::Sender<Outgoing>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Message>>>,
+    pending: Mutex<HashMap<u64, Waiter>>,
     reply_prefix: String,
     next_token: AtomicU64,
     timeout: Duration,
@@ -206,7 +213,7 @@ impl Bus {
         let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Ok(mut pending) = self.inner.pending.lock() {
-            pending.insert(token, tx);
+            pending.insert(token, Waiter::Once(tx));
         }
         let pending = PendingReply {
             rx,
@@ -221,6 +228,38 @@ impl Bus {
             payload,
         })?;
         Ok(pending)
+    }
+
+    /// Sends a request whose answer may come in parts: messages with header
+    /// `Rt-Part` are partial, the first without it is final. At most
+    /// `capacity` parts wait unread; past that the stream ends in an error.
+    pub fn request_stream(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+        capacity: usize,
+        timeout: Duration,
+    ) -> Result<ReplyStream, BusError> {
+        let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        if let Ok(mut pending) = self.inner.pending.lock() {
+            pending.insert(token, Waiter::Stream(tx));
+        }
+        let stream = ReplyStream {
+            rx,
+            token,
+            inner: self.inner.clone(),
+            deadline: tokio::time::Instant::now() + timeout,
+            timeout,
+        };
+        self.send(Outgoing {
+            subject,
+            reply: Some(format!("{}.{token}", self.inner.reply_prefix)),
+            headers,
+            payload,
+        })?;
+        Ok(stream)
     }
 
     /// Sends a MessagePack request envelope with the trace context.
@@ -333,6 +372,50 @@ impl Drop for PendingReply {
     }
 }
 
+/// Replies to a [`Bus::request_stream`]; dropping it forgets the call.
+pub struct ReplyStream {
+    rx: mpsc::Receiver<Message>,
+    token: u64,
+    inner: Arc<BusInner>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+}
+
+impl ReplyStream {
+    /// The next message (partial or final), or an error when the deadline
+    /// passes, nobody answers, or too many parts were left unread.
+    pub async fn next(&mut self) -> Result<Message, BusError> {
+        match tokio::time::timeout_at(self.deadline, self.rx.recv()).await {
+            Ok(Some(message)) if message.status == Some(StatusCode::NO_RESPONDERS) => {
+                Err(BusError::NoResponders)
+            }
+            Ok(Some(message)) => Ok(message),
+            Ok(None) => Err(BusError::Closed),
+            Err(_) => {
+                self.inner.metrics.bus_timeouts.inc();
+                Err(BusError::Timeout(self.timeout))
+            }
+        }
+    }
+}
+
+impl Drop for ReplyStream {
+    fn drop(&mut self) {
+        if let Ok(mut pending) = self.inner.pending.lock() {
+            pending.remove(&self.token);
+        }
+    }
+}
+
+/// Whether a reply message is a partial one (`Rt-Part: 1`).
+pub fn is_part(message: &Message) -> bool {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(rt_proto::rpc::HEADER_PART))
+        .is_some_and(|v| v.as_str() == "1")
+}
+
 /// Headers carrying a child of `trace` (or nothing).
 pub fn headers_with(trace: Option<&TraceContext>) -> HeaderMap {
     let mut headers = HeaderMap::new();
@@ -379,10 +462,23 @@ async fn route_replies(inner: std::sync::Weak<BusInner>, mut replies: Subscriber
             .rsplit('.')
             .next()
             .and_then(|t| t.parse::<u64>().ok());
-        let waiter = token.and_then(|t| inner.pending.lock().ok().and_then(|mut p| p.remove(&t)));
-        if let Some(waiter) = waiter {
+        let Some(token) = token else { continue };
+        let Ok(mut pending) = inner.pending.lock() else {
+            continue;
+        };
+        let part = is_part(&message);
+        match pending.remove(&token) {
             // The caller may have given up (timeout, disconnect): nothing to do then.
-            let _ = waiter.send(message);
+            Some(Waiter::Once(waiter)) => drop(waiter.send(message)),
+            Some(Waiter::Stream(waiter)) => {
+                // A stream stays registered until its final message; a reader
+                // that lets `capacity` parts pile up is cut off (its channel
+                // closes, so it sees an error instead of a silent gap).
+                if waiter.try_send(message).is_ok() && part {
+                    pending.insert(token, Waiter::Stream(waiter));
+                }
+            }
+            None => {}
         }
     }
 }

@@ -70,6 +70,7 @@ pub struct Config {
     pub log: LogConfig,
     pub gateway: GatewayConfig,
     pub broadcast: BroadcastConfig,
+    pub compute: ComputeConfig,
     /// Options of channels without a `:` namespace.
     pub default_namespace: NamespaceConfig,
     /// Options of each named namespace; channels in any other namespace get 102.
@@ -125,6 +126,10 @@ pub struct GatewayConfig {
     pub max_batch_bytes: usize,
     /// Whether clients may connect without a token (user "").
     pub allow_anonymous: bool,
+    /// Default deadline of a client's `rpc` (a client may ask for less with `timeout_ms`).
+    pub rpc_timeout_ms: u64,
+    /// Partial results of one `rpc` that may wait unread before the call fails.
+    pub rpc_max_pending_parts: usize,
     /// Publications a subscriber may receive while its `subscribe` is being answered.
     pub max_pending_while_subscribing: usize,
     /// Subscriptions one connection may hold.
@@ -157,6 +162,25 @@ pub struct BroadcastConfig {
     /// A channel with no history and no activity for this long is forgotten
     /// (its next publication starts a new epoch).
     pub channel_idle_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ComputeConfig {
+    /// Health and metrics endpoint; port 0 picks a free port.
+    pub http_addr: String,
+    /// Worker threads running jobs; 0 means one per core.
+    pub workers: usize,
+    /// Jobs accepted but not yet started; past it callers get 113 at once.
+    pub queue_capacity: usize,
+    /// argon2id memory cost in KiB (OWASP minimum: 19456).
+    pub argon2_memory_kib: u32,
+    /// argon2id iterations.
+    pub argon2_iterations: u32,
+    /// argon2id lanes.
+    pub argon2_parallelism: u32,
+    /// Values `stats.summarize` accepts in one call.
+    pub max_values: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -213,6 +237,8 @@ impl Default for GatewayConfig {
             outbound_buffer_bytes: 1024 * 1024,
             max_batch_bytes: 16 * 1024,
             allow_anonymous: true,
+            rpc_timeout_ms: 10_000,
+            rpc_max_pending_parts: 256,
             max_pending_while_subscribing: 1_000,
             max_subscriptions_per_connection: 512,
             max_inflight_per_connection: 256,
@@ -233,6 +259,20 @@ impl Default for BroadcastConfig {
             shard_mailbox: 16_384,
             idempotency_window_secs: 300,
             channel_idle_secs: 3_600,
+        }
+    }
+}
+
+impl Default for ComputeConfig {
+    fn default() -> Self {
+        Self {
+            http_addr: "127.0.0.1:8082".into(),
+            workers: 0,
+            queue_capacity: 64,
+            argon2_memory_kib: 19_456,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
+            max_values: 1_000_000,
         }
     }
 }
@@ -318,6 +358,7 @@ impl Config {
         for (key, addr) in [
             ("gateway.http_addr", &self.gateway.http_addr),
             ("broadcast.http_addr", &self.broadcast.http_addr),
+            ("compute.http_addr", &self.compute.http_addr),
         ] {
             addr.parse::<SocketAddr>()
                 .map_err(|e| invalid(key, format!("{addr:?} is not ip:port ({e})")))?;
@@ -353,6 +394,22 @@ impl Config {
             return Err(invalid(
                 "gateway.max_inflight_per_connection",
                 "must be > 0",
+            ));
+        }
+        if g.rpc_timeout_ms == 0 {
+            return Err(invalid("gateway.rpc_timeout_ms", "must be > 0"));
+        }
+        let c = &self.compute;
+        if c.queue_capacity == 0 {
+            return Err(invalid("compute.queue_capacity", "must be > 0"));
+        }
+        if c.argon2_memory_kib < 8 * c.argon2_parallelism.max(1)
+            || c.argon2_iterations == 0
+            || c.argon2_parallelism == 0
+        {
+            return Err(invalid(
+                "compute.argon2_memory_kib",
+                "argon2 needs iterations ≥ 1, parallelism ≥ 1 and memory ≥ 8 KiB per lane",
             ));
         }
         if self.broadcast.history_max_limit == 0 {

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 
 use rt_broadcast::BroadcastHandle;
+use rt_compute::ComputeHandle;
 use rt_gateway::GatewayHandle;
 use rt_shared::config::Config;
 
@@ -15,6 +16,7 @@ pub struct TestCluster {
     pub nats: NatsServer,
     pub config: Config,
     pub broadcast: Option<BroadcastHandle>,
+    pub compute: Option<ComputeHandle>,
     pub gateways: Vec<GatewayHandle>,
 }
 
@@ -31,6 +33,11 @@ pub fn test_config(nats_url: &str) -> Config {
     config.gateway.drain_timeout_ms = 2_000;
     config.broadcast.http_addr = "127.0.0.1:0".into();
     config.broadcast.shards = 2;
+    config.compute.http_addr = "127.0.0.1:0".into();
+    config.compute.workers = 2;
+    // Cheap argon2 in tests; the benchmark uses the production cost.
+    config.compute.argon2_memory_kib = 1024;
+    config.compute.argon2_iterations = 1;
     let chat = rt_shared::config::NamespaceConfig {
         history_size: 1_000,
         ..Default::default()
@@ -63,6 +70,7 @@ impl TestCluster {
             nats,
             config,
             broadcast: Some(broadcast),
+            compute: None,
             gateways: Vec::new(),
         };
         for _ in 0..gateways {
@@ -80,10 +88,19 @@ impl TestCluster {
             nats,
             config,
             broadcast: None,
+            compute: None,
             gateways: Vec::new(),
         };
         cluster.add_gateway().await;
         cluster
+    }
+
+    /// Starts the compute service with the built-in methods.
+    pub async fn start_compute(&mut self) {
+        let compute = rt_compute::run(self.config.clone())
+            .await
+            .expect("compute starts");
+        self.compute = Some(compute);
     }
 
     pub async fn add_gateway(&mut self) -> usize {

@@ -72,13 +72,11 @@ impl Connection {
                     "presence is not enabled on this deployment",
                 ),
             ),
-            Command::Rpc { .. } => self.reply_error(
-                id,
-                &ErrorBody::new(
-                    ErrorCode::NOT_AVAILABLE,
-                    "rpc is not enabled on this deployment",
-                ),
-            ),
+            Command::Rpc {
+                method,
+                data,
+                timeout_ms,
+            } => self.rpc(id, &method, data, timeout_ms, ctx),
             Command::Refresh { .. } => self.reply_error(
                 id,
                 &ErrorBody::new(
@@ -108,7 +106,7 @@ impl Connection {
         self.close_after_drain(CloseCode::after_failed_connect(error.code), &error.message);
     }
 
-    fn user(&self) -> &str {
+    pub(crate) fn user(&self) -> &str {
         match &self.phase {
             Phase::Connected { user } => user,
             _ => "",
@@ -142,7 +140,7 @@ impl Connection {
     }
 
     /// Reserves a slot for a command that waits on another service.
-    fn begin_inflight(&mut self, id: u32) -> bool {
+    pub(crate) fn begin_inflight(&mut self, id: u32) -> bool {
         if self.inflight >= self.app.config.gateway.max_inflight_per_connection {
             self.reply_error(
                 id,

@@ -4,7 +4,7 @@
 //! goes through the connection's [`Outbound`] queue, which this actor drains
 //! as a stream; nothing else writes to the socket.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,9 @@ pub struct Connection {
     pub(crate) subscriptions: HashMap<String, SubSlot>,
     pub(crate) next_sub_token: u64,
     pub(crate) inflight: usize,
+    /// RPC calls this connection is waiting for, by request id (to cancel on close).
+    pub(crate) rpcs_running: HashSet<String>,
+    pub(crate) rpc_seq: u64,
     pub(crate) opened: Instant,
     last_seen: Instant,
     /// A fragmented message being reassembled: its kind and bytes so far.
@@ -89,6 +92,8 @@ impl Connection {
             subscriptions: HashMap::new(),
             next_sub_token: 1,
             inflight: 0,
+            rpcs_running: HashSet::new(),
+            rpc_seq: 0,
             opened: now,
             last_seen: now,
             continuation: None,
@@ -218,6 +223,7 @@ impl Actor for Connection {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        self.cancel_open_rpcs();
         for channel in self.subscriptions.keys() {
             self.app.hub.remove(channel, self.id);
         }

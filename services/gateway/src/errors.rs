@@ -23,7 +23,13 @@ pub fn bus_error(error: &BusError) -> ErrorBody {
                 .with_retry_after(UNAVAILABLE_RETRY_MS)
         }
         BusError::Timeout(_) => ErrorBody::new(ErrorCode::TIMEOUT, "timeout"),
-        BusError::Remote(wire) => ErrorBody::new(wire.code, wire.message.clone()),
+        BusError::Remote(wire) => {
+            let body = ErrorBody::new(wire.code, wire.message.clone());
+            match wire.retry_after_ms {
+                Some(ms) => body.with_retry_after(ms),
+                None => body,
+            }
+        }
         other => {
             if let Some(suppressed) = INTERNAL_ERRORS.allow() {
                 tracing::error!(error = %other, suppressed, "internal error");

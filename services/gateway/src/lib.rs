@@ -17,6 +17,7 @@ pub mod http_api;
 pub mod hub;
 pub mod metrics;
 pub mod outbound;
+pub mod rpc;
 pub mod state;
 pub mod ws_route;
 
@@ -27,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use actix_web::{App, HttpServer, web};
 use rt_proto::CloseCode;
-use rt_shared::broadcast_client::BroadcastClient;
 use rt_shared::config::Config;
 use rt_shared::health::{Health, OpsState};
 use rt_shared::metrics::{CommonMetrics, MetricsRegistry};
@@ -122,7 +122,7 @@ pub async fn run(config: Config) -> Result<GatewayHandle, GatewayError> {
     let app = Arc::new(AppState::new(
         config.clone(),
         hub,
-        BroadcastClient::new(bus),
+        bus,
         metrics,
         health.clone(),
         node.clone(),

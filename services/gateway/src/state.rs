@@ -17,6 +17,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub hub: Arc<Hub>,
     pub broadcast: BroadcastClient,
+    /// The node's NATS bus, for requests to services without a typed client (RPC).
+    pub bus: rt_shared::Bus,
     pub metrics: GatewayMetrics,
     pub connections: Connections,
     pub health: Health,
@@ -29,7 +31,7 @@ impl AppState {
     pub fn new(
         config: Arc<Config>,
         hub: Arc<Hub>,
-        broadcast: BroadcastClient,
+        bus: rt_shared::Bus,
         metrics: GatewayMetrics,
         health: Health,
         node: String,
@@ -37,7 +39,8 @@ impl AppState {
         Self {
             config,
             hub,
-            broadcast,
+            broadcast: BroadcastClient::new(bus.clone()),
+            bus,
             metrics,
             connections: Connections::default(),
             health,

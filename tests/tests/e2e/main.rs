@@ -10,6 +10,7 @@ mod delivery;
 mod http_api;
 mod lifecycle;
 mod protocol;
+mod rpc;
 
 use std::time::Duration;
 

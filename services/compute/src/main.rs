@@ -1,0 +1,30 @@
+//! `rt-compute`: CPU-heavy RPC methods on worker threads. Configuration comes from
+//! `RT_CONFIG` and `RT_…` variables (see docs/operations.md).
+
+use std::process::ExitCode;
+
+use rt_shared::config::Config;
+
+fn main() -> ExitCode {
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("rt-compute: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    rt_shared::telemetry::init(&config.log);
+    actix_rt::System::new().block_on(async move {
+        let handle = match rt_compute::run(config).await {
+            Ok(handle) => handle,
+            Err(error) => {
+                tracing::error!(%error, "compute failed to start");
+                return ExitCode::FAILURE;
+            }
+        };
+        rt_shared::shutdown::signal().await;
+        tracing::info!("shutting down");
+        handle.stop().await;
+        ExitCode::SUCCESS
+    })
+}
