@@ -470,14 +470,13 @@ async fn route_replies(inner: std::sync::Weak<BusInner>, mut replies: Subscriber
         match pending.remove(&token) {
             // The caller may have given up (timeout, disconnect): nothing to do then.
             Some(Waiter::Once(waiter)) => drop(waiter.send(message)),
-            Some(Waiter::Stream(waiter)) => {
-                // A stream stays registered until its final message; a reader
-                // that lets `capacity` parts pile up is cut off (its channel
-                // closes, so it sees an error instead of a silent gap).
-                if waiter.try_send(message).is_ok() && part {
-                    pending.insert(token, Waiter::Stream(waiter));
-                }
+            // A stream stays registered until its final message; a reader
+            // that lets `capacity` parts pile up is cut off (its channel
+            // closes, so it sees an error instead of a silent gap).
+            Some(Waiter::Stream(waiter)) if waiter.try_send(message).is_ok() && part => {
+                pending.insert(token, Waiter::Stream(waiter));
             }
+            Some(Waiter::Stream(_)) => {}
             None => {}
         }
     }

@@ -53,6 +53,10 @@ impl Connection {
                 &ErrorBody::new(ErrorCode::BAD_REQUEST, "invalid method name"),
             );
         };
+        #[cfg(feature = "bench-inline-rpc")]
+        if method.as_str() == "auth.hash_password" {
+            return self.hash_inline_for_benchmark(id, &data);
+        }
         if !self.begin_inflight(id) {
             return;
         }
@@ -126,6 +130,50 @@ impl Connection {
                 Default::default(),
                 Bytes::new(),
             );
+        }
+    }
+}
+
+#[cfg(feature = "bench-inline-rpc")]
+impl Connection {
+    /// What the gateway would do without a compute service: hash on this
+    /// worker's event loop, stalling every other connection on it.
+    fn hash_inline_for_benchmark(&mut self, id: u32, data: &Bytes) {
+        use argon2::password_hash::rand_core::OsRng;
+        use argon2::password_hash::{PasswordHasher as _, SaltString};
+        let password = match rt_proto::value::decode_one(data) {
+            Ok(rmpv::Value::Map(fields)) => fields
+                .iter()
+                .find(|(k, _)| k.as_str() == Some("password"))
+                .and_then(|(_, v)| v.as_str().map(str::to_owned)),
+            _ => None,
+        };
+        let Some(password) = password else {
+            return self.reply_error(
+                id,
+                &ErrorBody::new(ErrorCode::BAD_REQUEST, "password must be a string"),
+            );
+        };
+        let compute = &self.app.config.compute;
+        let params = argon2::Params::new(
+            compute.argon2_memory_kib,
+            compute.argon2_iterations,
+            compute.argon2_parallelism,
+            None,
+        )
+        .unwrap_or_default();
+        let hasher =
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let salt = SaltString::generate(&mut OsRng);
+        match hasher.hash_password(password.as_bytes(), &salt) {
+            Ok(hash) => {
+                let data = Bytes::from(rt_proto::value::encode(&rmpv::Value::Map(vec![(
+                    rmpv::Value::from("hash"),
+                    rmpv::Value::from(hash.to_string()),
+                )])));
+                self.reply_ok(id, Out::map([("data", Out::Data(data))]));
+            }
+            Err(_) => self.reply_error(id, &ErrorBody::new(ErrorCode::INTERNAL, "hashing failed")),
         }
     }
 }

@@ -75,7 +75,7 @@ impl Hasher {
     }
 }
 
-fn password<'a>(call: &'a Call) -> Result<&'a str, WireError> {
+fn password(call: &Call) -> Result<&str, WireError> {
     let password = call.str_field("password")?;
     if password.len() > MAX_PASSWORD_BYTES {
         return Err(bad_request(format!(
