@@ -245,7 +245,11 @@ async fn command_errors_are_replies_and_the_connection_stays() {
             code(&c.command("presence", json!({"channel": "chat:one"})).await),
             108
         );
-        assert_eq!(code(&c.command("rpc", json!({"method": "x"})).await), 104, "nobody serves x");
+        assert_eq!(
+            code(&c.command("rpc", json!({"method": "x"})).await),
+            104,
+            "nobody serves x"
+        );
         assert_eq!(
             code(
                 &c.command("history", json!({"channel": "chat:one", "limit": 1.5}))

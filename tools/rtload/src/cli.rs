@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::clock::parse_duration;
-use crate::scenario::fanout;
+use crate::scenario::{fanout, ping, rpc};
 use crate::wire::Encoding;
 
 #[derive(Parser, Debug)]
@@ -35,6 +35,12 @@ pub enum Scenario {
     /// Many subscribers on one channel, paced publications: publish-to-deliver latency
     /// and delivery under fan-out.
     Fanout(fanout::Args),
+    /// Many connections pinging on one open-loop schedule: the gateway's responsiveness
+    /// (ping round-trip time) under load.
+    Ping(ping::Args),
+    /// Open-loop RPC calls: latency to the final reply, throughput, outcomes by error code
+    /// (113 busy and its retry_after, 114 timeout, 104), partial results.
+    Rpc(rpc::Args),
 }
 
 /// Options every scenario takes.
@@ -120,12 +126,95 @@ mod tests {
             "r.json",
         ])
         .unwrap();
-        let Scenario::Fanout(args) = cli.scenario;
+        let Scenario::Fanout(args) = cli.scenario else {
+            panic!("fanout expected")
+        };
         assert_eq!(args.subscribers, 10);
         assert_eq!(args.common.duration, Duration::from_secs(2));
         assert_eq!(args.common.warmup, Duration::from_millis(500));
         assert_eq!(args.common.encoding, Encoding::Json);
         assert_eq!(args.common.bind_ip.len(), 2);
         assert_eq!(args.channel, "bench:fanout");
+    }
+
+    #[test]
+    fn ping_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "rtload",
+            "ping",
+            "--url",
+            "ws://127.0.0.1:8080/ws",
+            "--connections",
+            "1000",
+            "--rate-per-conn",
+            "1",
+            "--duration",
+            "20s",
+            "--warmup",
+            "3s",
+            "--encoding",
+            "json",
+            "--bind-ip",
+            "127.0.0.2",
+            "--json-out",
+            "ping.json",
+        ])
+        .unwrap();
+        let Scenario::Ping(args) = cli.scenario else {
+            panic!("ping expected")
+        };
+        let plan = args.plan();
+        assert_eq!(plan.total_rate(), 1000.0);
+        assert_eq!(plan.call, crate::calls::Call::Ping);
+        assert_eq!(plan.timeout, Duration::from_secs(10));
+        assert_eq!(plan.common.encoding, Encoding::Json);
+        assert_eq!(plan.window().unwrap().count(), 20_000);
+    }
+
+    #[test]
+    fn rpc_flags_parse_and_data_must_be_json() {
+        let cli = Cli::try_parse_from([
+            "rtload",
+            "rpc",
+            "--method",
+            "auth.hash_password",
+            "--data",
+            r#"{"password":"correct horse"}"#,
+            "--rate",
+            "20",
+            "--duration",
+            "20s",
+            "--connections",
+            "50",
+            "--timeout-ms",
+            "10000",
+        ])
+        .unwrap();
+        let Scenario::Rpc(args) = cli.scenario else {
+            panic!("rpc expected")
+        };
+        let plan = args.plan();
+        assert_eq!(
+            plan.call,
+            crate::calls::Call::Rpc {
+                method: "auth.hash_password".into(),
+                data: Some(serde_json::json!({"password": "correct horse"})),
+            }
+        );
+        assert_eq!((plan.connections, plan.total_rate()), (50, 20.0));
+        assert_eq!(plan.timeout, Duration::from_secs(10));
+        let bad = Cli::try_parse_from(["rtload", "rpc", "--method", "m", "--data", "{oops"]);
+        assert!(bad.unwrap_err().to_string().contains("not JSON"));
+        assert!(
+            Cli::try_parse_from(["rtload", "rpc"]).is_err(),
+            "--method is required"
+        );
+        let Scenario::Rpc(args) = Cli::try_parse_from(["rtload", "rpc", "--method", "m"])
+            .unwrap()
+            .scenario
+        else {
+            panic!("rpc expected")
+        };
+        assert_eq!(args.plan().timeout, Duration::from_secs(12));
     }
 }

@@ -1,22 +1,62 @@
 //! The collector: the single owner of everything subscribers report. It records their
 //! latency samples into one histogram as they arrive (about once a second from each) and
-//! merges their final summaries.
+//! merges their final summaries. [`Setup`], the tally of connection setup, is shared with
+//! the request/reply scenarios' collector ([`crate::calls::Collector`]).
+
+use std::time::Duration;
 
 use crate::stats::{self, Hist, Tally};
 use crate::subscriber::{Event, OffsetTracker};
 
-pub struct Collector {
+/// How connection setup went, every scenario alike.
+pub struct Setup {
     pub ready: usize,
     pub failed: usize,
-    pub done: usize,
     /// TCP + handshake + `connect` reply.
     pub connect: Hist,
+    /// Failures by stage and error code (`"connect error 101"`, `"tcp"`...).
+    pub errors: Tally,
+    /// The first failure in full, to explain a run that could not start.
+    pub first_failure: Option<String>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            ready: 0,
+            failed: 0,
+            connect: stats::new_hist(),
+            errors: Tally::default(),
+            first_failure: None,
+        }
+    }
+}
+
+impl Setup {
+    pub fn on_ready(&mut self, connect: Duration) {
+        self.ready += 1;
+        stats::record(&mut self.connect, connect.as_micros() as u64);
+    }
+
+    pub fn on_failed(&mut self, kind: String, message: String) {
+        self.failed += 1;
+        self.errors.add(kind, 1);
+        self.first_failure.get_or_insert(message);
+    }
+
+    /// Every connection has either come up or failed.
+    pub fn settled(&self, requested: usize) -> bool {
+        self.ready + self.failed >= requested
+    }
+}
+
+pub struct Collector {
+    pub setup: Setup,
+    pub done: usize,
     /// `subscribe` round trip.
     pub subscribe: Hist,
     /// Publish-to-deliver latency of measured publications, all subscribers.
     pub latency: Hist,
-    pub setup_errors: Tally,
-    pub first_failure: Option<String>,
     pub delivered: u64,
     pub delivered_measured: u64,
     pub unstamped: u64,
@@ -28,14 +68,10 @@ pub struct Collector {
 impl Default for Collector {
     fn default() -> Self {
         Collector {
-            ready: 0,
-            failed: 0,
+            setup: Setup::default(),
             done: 0,
-            connect: stats::new_hist(),
             subscribe: stats::new_hist(),
             latency: stats::new_hist(),
-            setup_errors: Tally::default(),
-            first_failure: None,
             delivered: 0,
             delivered_measured: 0,
             unstamped: 0,
@@ -50,15 +86,10 @@ impl Collector {
     pub fn on(&mut self, event: Event) {
         match event {
             Event::Ready { connect, subscribe } => {
-                self.ready += 1;
-                stats::record(&mut self.connect, connect.as_micros() as u64);
+                self.setup.on_ready(connect);
                 stats::record(&mut self.subscribe, subscribe.as_micros() as u64);
             }
-            Event::Failed { kind, message } => {
-                self.failed += 1;
-                self.setup_errors.add(kind, 1);
-                self.first_failure.get_or_insert(message);
-            }
+            Event::Failed { kind, message } => self.setup.on_failed(kind, message),
             Event::Samples(samples) => samples.record_into(&mut self.latency),
             Event::Done(s) => {
                 self.done += 1;
@@ -97,8 +128,6 @@ impl Collector {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::subscriber::Summary;
 
@@ -130,13 +159,15 @@ mod tests {
             closed_early: true,
             samples: h,
         })));
-        assert_eq!((c.ready, c.failed, c.done), (1, 1, 1));
+        assert_eq!((c.setup.ready, c.setup.failed, c.done), (1, 1, 1));
+        assert!(c.setup.settled(2) && !c.setup.settled(3));
+        assert_eq!(c.setup.errors.iter().collect::<Vec<_>>(), [("tcp", 1)]);
         assert_eq!(c.latency.len(), 2);
         assert_eq!(c.p99_ms(), Some(0.7));
         assert_eq!(c.lost_in_gaps(), 1);
         assert_eq!(c.lost_in_tails(Some(10)), Some(7));
         assert_eq!(c.lost_in_tails(None), None);
-        assert_eq!(c.first_failure.as_deref(), Some("tcp: refused"));
+        assert_eq!(c.setup.first_failure.as_deref(), Some("tcp: refused"));
         assert_eq!((c.closed_early, c.errors.total()), (1, 1));
     }
 }

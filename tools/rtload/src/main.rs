@@ -3,10 +3,12 @@
 //! Parts: [`cli`] (flags), [`scenario`] (one module per scenario), and what scenarios share:
 //! [`client`] (dial, WebSocket handshake, setup commands), [`wire`] (encodings, frame
 //! splitting, zero-copy decoding), [`pacer`] (open-loop schedule), [`publish`] (WebSocket
-//! and HTTP publishers), [`subscriber`] (push consumer), [`stats`] (HDR histograms,
+//! and HTTP publishers), [`subscriber`] (push consumer), [`calls`] (request/reply load:
+//! matching replies by id, outcomes by error code), [`stats`] (HDR histograms,
 //! counters), [`report`] (progress line, generator health, JSON) and [`sysinfo`] (CPU and
 //! descriptor limits of the generator itself).
 
+mod calls;
 mod cli;
 mod client;
 mod clock;

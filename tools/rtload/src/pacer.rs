@@ -119,6 +119,24 @@ pub fn spawn(
     tx: mpsc::Sender<Tick>,
     stop: Arc<AtomicBool>,
 ) -> Result<oneshot::Receiver<PacerOutcome>> {
+    spawn_with(schedule, total, stop, move |tick| {
+        tx.blocking_send(tick).is_ok()
+    })
+}
+
+/// Starts the pacer thread with any transport: `deliver` is called on the pacer thread with
+/// each send at its intended time, and returns false when the transport is gone (the run is
+/// then cut short). It must not block for long: that would delay the sends after it. It is
+/// dropped when the pacer ends, so senders it owns close then.
+pub fn spawn_with<F>(
+    schedule: Schedule,
+    total: u64,
+    stop: Arc<AtomicBool>,
+    mut deliver: F,
+) -> Result<oneshot::Receiver<PacerOutcome>>
+where
+    F: FnMut(Tick) -> bool + Send + 'static,
+{
     let (done_tx, done_rx) = oneshot::channel();
     thread::Builder::new()
         .name("rtload-pacer".into())
@@ -138,17 +156,45 @@ pub fn spawn(
                     }
                     thread::sleep((intended - now).min(Duration::from_millis(50)));
                 }
-                if tx.blocking_send(Tick { seq, intended }).is_err() {
+                if !deliver(Tick { seq, intended }) {
                     cut_short = true;
                     break;
                 }
                 emitted += 1;
             }
-            drop(tx);
+            drop(deliver);
             // The receiver may be gone if the run was abandoned; nothing to tell then.
             let _ = done_tx.send(PacerOutcome { emitted, cut_short });
         })?;
     Ok(done_rx)
+}
+
+/// Spreads one schedule over connections, round-robin: send `n` goes to connection
+/// `n % connections`. With a total rate R over C connections, each connection sends every
+/// C / R seconds, and consecutive connections are 1 / R apart: the load is even in time
+/// and over connections, never a burst from all of them at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spread {
+    connections: usize,
+}
+
+impl Spread {
+    pub fn new(connections: usize) -> Result<Self> {
+        if connections == 0 {
+            return Err("no connection to spread the sends over".into());
+        }
+        Ok(Spread { connections })
+    }
+
+    #[inline]
+    pub fn conn_of(&self, seq: u64) -> usize {
+        (seq % self.connections as u64) as usize
+    }
+
+    /// The interval between two sends of one connection.
+    pub fn per_conn_interval(&self, total_rate: f64) -> Duration {
+        Duration::from_secs_f64(self.connections as f64 / total_rate)
+    }
 }
 
 #[cfg(test)]
@@ -221,6 +267,55 @@ mod tests {
         assert_eq!(seqs, (0..100).collect::<Vec<_>>());
         let outcome = done.await.unwrap();
         assert_eq!((outcome.emitted, outcome.cut_short), (100, false));
+    }
+
+    #[test]
+    fn spread_gives_every_connection_an_even_share_at_an_even_pace() {
+        let s = schedule(1000.0);
+        let spread = Spread::new(7).unwrap();
+        let mut per_conn: Vec<Vec<u64>> = vec![Vec::new(); 7];
+        for seq in 0..7000 {
+            per_conn[spread.conn_of(seq)].push(seq);
+        }
+        assert!(per_conn.iter().all(|sends| sends.len() == 1000));
+        // Each connection's sends are 7 ms apart, and connection k starts k ms in.
+        for (k, sends) in per_conn.iter().enumerate() {
+            assert_eq!(s.offset(sends[0]), Duration::from_millis(k as u64));
+            for pair in sends.windows(2) {
+                assert_eq!(
+                    s.offset(pair[1]) - s.offset(pair[0]),
+                    Duration::from_millis(7)
+                );
+            }
+        }
+        assert_eq!(spread.per_conn_interval(1000.0), Duration::from_millis(7));
+        // An uneven total still differs by at most one send between connections.
+        let spread = Spread::new(3).unwrap();
+        let mut counts = [0u32; 3];
+        (0..10).for_each(|seq| counts[spread.conn_of(seq)] += 1);
+        assert_eq!(counts, [4, 3, 3]);
+        assert!(Spread::new(0).is_err());
+    }
+
+    #[tokio::test]
+    async fn pacer_routes_through_any_transport() {
+        let s = Schedule::new(Instant::now(), 5000.0).unwrap();
+        let spread = Spread::new(3).unwrap();
+        let (txs, mut rxs): (Vec<_>, Vec<_>) =
+            (0..3).map(|_| mpsc::unbounded_channel::<Tick>()).unzip();
+        let done = spawn_with(s, 30, Arc::new(AtomicBool::new(false)), move |tick| {
+            txs[spread.conn_of(tick.seq)].send(tick).is_ok()
+        })
+        .unwrap();
+        assert_eq!(done.await.unwrap().emitted, 30);
+        for (k, rx) in rxs.iter_mut().enumerate() {
+            let mut seqs = Vec::new();
+            while let Some(tick) = rx.recv().await {
+                seqs.push(tick.seq);
+            }
+            // The senders went away with the pacer, so each queue ended.
+            assert_eq!(seqs, (0..10).map(|i| i * 3 + k as u64).collect::<Vec<_>>());
+        }
     }
 
     #[tokio::test]

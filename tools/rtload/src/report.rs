@@ -45,13 +45,16 @@ impl fmt::Display for Progress {
             self.lost,
             self.errors,
         )?;
-        if let Some(cpu) = self.cpu_percent {
-            write!(f, "  cpu {cpu:.0}%")?;
-            if let Some(machine) = self.machine_cpu_percent {
-                write!(f, " (machine {machine:.0}%)")?;
-            }
-        }
-        Ok(())
+        f.write_str(&cpu_suffix(self.cpu_percent, self.machine_cpu_percent))
+    }
+}
+
+/// The end of a progress line: `  cpu 43% (machine 100%)`, or nothing when unknown.
+pub fn cpu_suffix(cpu: Option<f64>, machine: Option<f64>) -> String {
+    match (cpu, machine) {
+        (Some(cpu), Some(machine)) => format!("  cpu {cpu:.0}% (machine {machine:.0}%)"),
+        (Some(cpu), None) => format!("  cpu {cpu:.0}%"),
+        (None, _) => String::new(),
     }
 }
 

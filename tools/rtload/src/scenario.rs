@@ -1,8 +1,11 @@
-//! Scenarios, one module each. A scenario takes its own `Args` (with [`crate::cli::Common`]
+//! Scenarios, one module each (`ping` and `rpc` share the request/reply engine in
+//! [`crate::calls`]). A scenario takes its own `Args` (with [`crate::cli::Common`]
 //! flattened in), runs, prints its report and returns the exit code. To add one: a module
 //! here, a variant in [`crate::cli::Scenario`], an arm in [`run`].
 
 pub mod fanout;
+pub mod ping;
+pub mod rpc;
 
 use std::process::ExitCode;
 
@@ -12,5 +15,7 @@ use crate::error::Result;
 pub async fn run(scenario: Scenario) -> Result<ExitCode> {
     match scenario {
         Scenario::Fanout(args) => fanout::run(args).await,
+        Scenario::Ping(args) => ping::run(args).await,
+        Scenario::Rpc(args) => rpc::run(args).await,
     }
 }

@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{Dialer, Ws};
 use crate::clock::Clock;
+use crate::error::short;
 use crate::pacer::Window;
 use crate::stats::{Live, Samples, Tally};
 use crate::wire::{self, Encoding};
@@ -250,11 +251,6 @@ impl Summary {
         self.errors.add(reason, 1);
         Live::add(&live.errors, 1);
     }
-}
-
-fn short(e: &dyn std::fmt::Display) -> String {
-    let text = e.to_string();
-    text.split(':').next().unwrap_or(&text).trim().to_string()
 }
 
 #[cfg(test)]

@@ -55,6 +55,22 @@ impl CpuSample {
     }
 }
 
+/// rtload's CPU and the machine's between two samples (either may be missing), as
+/// percentages of all cores: what the progress line and the final report show.
+pub fn cpu_between(
+    a: Option<CpuSample>,
+    b: Option<CpuSample>,
+    cores: usize,
+) -> (Option<f64>, Option<f64>) {
+    match (a, b) {
+        (Some(a), Some(b)) => (
+            Some(a.percent_until(&b, cores)),
+            a.machine_percent_until(&b),
+        ),
+        _ => (None, None),
+    }
+}
+
 /// (busy, total) jiffies of all CPUs from the first line of `/proc/stat`: busy excludes
 /// idle and iowait.
 pub fn parse_machine_ticks(stat: &str) -> Option<(u64, u64)> {

@@ -75,6 +75,23 @@ pub struct Publish<'a> {
     pub data: Stamp<'a>,
 }
 
+/// `rpc`: a method and its `data`, any JSON value (MessagePack clients send its MessagePack
+/// form: JSON integers become integers, other numbers float64). No `data` at all is nil.
+#[derive(Serialize, Debug)]
+pub struct Rpc<'a> {
+    pub id: u32,
+    pub op: &'static str,
+    pub method: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<&'a serde_json::Value>,
+}
+
+/// Request ids for one connection: never 0 (fire and forget), wrapping after u32::MAX.
+pub fn next_id(id: &mut u32) -> u32 {
+    *id = id.checked_add(1).unwrap_or(1);
+    *id
+}
+
 /// The `data` rtload publishes: the intended send time (µs since the Unix epoch), a
 /// sequence number, and padding to reach the requested payload size.
 #[derive(Serialize, Debug, Clone, Copy)]
@@ -123,6 +140,9 @@ pub struct ErrorBody<'a> {
     pub code: u32,
     #[serde(default, borrow)]
     pub message: Cow<'a, str>,
+    /// How long a temporary error (113 busy, 111, ...) asks the client to wait.
+    #[serde(default, deserialize_with = "stamp::lenient_u64")]
+    pub retry_after_ms: Option<u64>,
 }
 
 /// `t` and `seq` read from a publication's `data`; anything else (data that rtload did not
@@ -395,6 +415,81 @@ mod tests {
         let e = m.error.unwrap();
         assert_eq!((m.id, e.code), (Some(3), 103));
         assert_eq!(e.message, "permission \"denied\"");
+    }
+
+    #[test]
+    fn busy_errors_expose_retry_after() {
+        let busy = mp(&json!({"id": 4, "error": {"code": 113, "message": "busy",
+                                                  "temporary": true, "retry_after_ms": 250}}));
+        let e = decode(Encoding::Msgpack, &busy).unwrap().error.unwrap();
+        assert_eq!((e.code, e.retry_after_ms), (113, Some(250)));
+        // Absent, or of an odd type: no retry hint, and the reply still decodes.
+        for text in [
+            r#"{"id":4,"error":{"code":113,"message":"busy"}}"#,
+            r#"{"id":4,"error":{"code":113,"retry_after_ms":"soon"}}"#,
+            r#"{"id":4,"error":{"code":113,"retry_after_ms":null}}"#,
+        ] {
+            let e = decode(Encoding::Json, text.as_bytes())
+                .unwrap()
+                .error
+                .unwrap();
+            assert_eq!((e.code, e.retry_after_ms), (113, None), "{text}");
+        }
+    }
+
+    #[test]
+    fn rpc_parts_and_replies_with_data_decode() {
+        let part = mp(&json!({"push": "rpc_part", "id": 7, "data": {"progress": [1, 2]}}));
+        let m = decode(Encoding::Msgpack, &part).unwrap();
+        assert!(!m.is_pub());
+        assert_eq!((m.push.as_deref(), m.id), (Some("rpc_part"), Some(7)));
+        let reply = br#"{"id":7,"ok":{"data":"$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA"}}"#;
+        let m = decode(Encoding::Json, reply).unwrap();
+        assert!(m.push.is_none() && m.ok.is_some() && m.error.is_none());
+    }
+
+    #[test]
+    fn rpc_data_goes_out_as_given_in_json_and_converted_in_msgpack() {
+        let data = json!({"password": "correct horse", "cost": 3, "ratio": 1.5});
+        let cmd = Rpc {
+            id: 5,
+            op: "rpc",
+            method: "auth.hash_password",
+            data: Some(&data),
+        };
+        let Message::Text(text) = Encoding::Json.encode(&cmd).unwrap() else {
+            panic!("json must be a text frame")
+        };
+        let back: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+        assert_eq!(
+            back,
+            json!({"id": 5, "op": "rpc", "method": "auth.hash_password", "data": data})
+        );
+        let Message::Binary(bin) = Encoding::Msgpack.encode(&cmd).unwrap() else {
+            panic!("msgpack must be a binary frame")
+        };
+        // Decoded without a target type, MessagePack integers come back as integers and
+        // float64 as floats: the conversion kept the JSON number kinds.
+        let back: serde_json::Value = rmp_serde::from_slice(&bin).unwrap();
+        assert!(back["data"]["cost"].is_u64(), "an integer stays an integer");
+        assert!(back["data"]["ratio"].is_f64());
+        assert_eq!(back["data"], data);
+        assert_eq!(back["method"], "auth.hash_password");
+        let Message::Text(bare) = Encoding::Json.encode(&Rpc { data: None, ..cmd }).unwrap() else {
+            panic!("json must be a text frame")
+        };
+        assert_eq!(
+            bare.as_str(),
+            r#"{"id":5,"op":"rpc","method":"auth.hash_password"}"#
+        );
+    }
+
+    #[test]
+    fn request_ids_skip_zero_when_wrapping() {
+        let mut id = u32::MAX - 1;
+        assert_eq!(next_id(&mut id), u32::MAX);
+        assert_eq!(next_id(&mut id), 1);
+        assert_eq!(next_id(&mut id), 2);
     }
 
     #[test]

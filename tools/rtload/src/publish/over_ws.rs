@@ -14,13 +14,7 @@ use super::{PubStats, PublishSpec, Queue, next_batch};
 use crate::client::Ws;
 use crate::pacer::Tick;
 use crate::stats::Live;
-use crate::wire::{self, Encoding, Publish, Stamp};
-
-/// Request ids for one connection: never 0 (fire and forget), wrapping after u32::MAX.
-fn next_id(id: &mut u32) -> u32 {
-    *id = id.checked_add(1).unwrap_or(1);
-    *id
-}
+use crate::wire::{self, Encoding, Publish, Stamp, next_id};
 
 pub(super) async fn ws_worker(
     ws: Ws,
@@ -176,16 +170,4 @@ async fn ws_acks(
         stats.on_ack(&tick, Err("publish no reply".into()), &spec.window);
     }
     (stats, stream)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_ids_skip_zero_when_wrapping() {
-        let mut id = u32::MAX - 1;
-        assert_eq!(next_id(&mut id), u32::MAX);
-        assert_eq!(next_id(&mut id), 1);
-    }
 }

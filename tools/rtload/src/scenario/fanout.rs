@@ -158,7 +158,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     ticker.reset();
 
     // Connect.
-    while col.ready + col.failed < args.subscribers && events_open && !interrupted {
+    while !col.setup.settled(args.subscribers) && events_open && !interrupted {
         tokio::select! {
             ev = events.recv() => match ev {
                 Some(ev) => col.on(ev),
@@ -166,22 +166,22 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             },
             _ = ticker.tick() => eprintln!(
                 "[{:>4}s connect] {} ready, {} failed of {}",
-                started.elapsed().as_secs(), col.ready, col.failed, args.subscribers
+                started.elapsed().as_secs(), col.setup.ready, col.setup.failed, args.subscribers
             ),
             _ = &mut ctrl_c, if !interrupted => interrupted = true,
         }
     }
     eprintln!(
         "rtload: {} of {} subscribers ready in {:.1}s ({} failed); connect {}",
-        col.ready,
+        col.setup.ready,
         args.subscribers,
         started.elapsed().as_secs_f64(),
-        col.failed,
-        common_report::p50_p99(crate::stats::Summary::of(&col.connect).as_ref()),
+        col.setup.failed,
+        common_report::p50_p99(crate::stats::Summary::of(&col.setup.connect).as_ref()),
     );
-    if col.ready == 0 || interrupted {
+    if col.setup.ready == 0 || interrupted {
         let _ = stop_tx.send(true);
-        let why = match (&col.first_failure, interrupted) {
+        let why = match (&col.setup.first_failure, interrupted) {
             (Some(failure), false) => failure.clone(),
             _ => "interrupted".into(),
         };
@@ -289,20 +289,14 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             _ = tokio::time::sleep_until(deadline) => {
                 notes.push(format!(
                     "{} subscribers did not report within 5 s; their counts are missing",
-                    col.ready.saturating_sub(col.done)
+                    col.setup.ready.saturating_sub(col.done)
                 ));
                 break;
             }
         }
     }
 
-    let (cpu_percent, machine_cpu_percent) = match (cpu_start, cpu_end) {
-        (Some(a), Some(b)) => (
-            Some(a.percent_until(&b, cores)),
-            a.machine_percent_until(&b),
-        ),
-        _ => (None, None),
-    };
+    let (cpu_percent, machine_cpu_percent) = sysinfo::cpu_between(cpu_start, cpu_end, cores);
     let generator = Generator {
         cores,
         cpu_percent,
@@ -366,6 +360,7 @@ fn progress(
 ) -> Snapshot {
     let now = Snapshot::take(live);
     let secs = now.at.duration_since(prev.at).as_secs_f64().max(1e-9);
+    let (cpu_percent, machine_cpu_percent) = sysinfo::cpu_between(prev.cpu, now.cpu, cores);
     let line = Progress {
         elapsed: now.at.saturating_duration_since(start),
         phase,
@@ -375,14 +370,8 @@ fn progress(
         open: Live::get(&live.open),
         lost: Live::get(&live.lost),
         errors: Live::get(&live.errors) + Live::get(&live.publish_failed),
-        cpu_percent: match (prev.cpu, now.cpu) {
-            (Some(a), Some(b)) => Some(a.percent_until(&b, cores)),
-            _ => None,
-        },
-        machine_cpu_percent: match (prev.cpu, now.cpu) {
-            (Some(a), Some(b)) => a.machine_percent_until(&b),
-            _ => None,
-        },
+        cpu_percent,
+        machine_cpu_percent,
     };
     eprintln!("{line}");
     now

@@ -133,6 +133,12 @@ impl<'de> Deserialize<'de> for Key {
     }
 }
 
+/// For `#[serde(deserialize_with)]`: an optional unsigned integer that is absent, instead of
+/// an error, when the value is of another type.
+pub fn lenient_u64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    LenientU64::deserialize(deserializer).map(|v| v.0)
+}
+
 /// An unsigned integer if the value is one (or a non-negative integral float), else absent.
 struct LenientU64(Option<u64>);
 

@@ -124,10 +124,10 @@ pub fn build(
             0.0
         }
     };
-    let expected = pubs.ok_measured * col.ready as u64;
+    let expected = pubs.ok_measured * col.setup.ready as u64;
     let gaps = col.lost_in_gaps();
     let tail = col.lost_in_tails(pubs.max_offset);
-    let mut kinds = col.setup_errors.clone();
+    let mut kinds = col.setup.errors.clone();
     kinds.merge(&col.errors);
     kinds.merge(&pubs.errors);
     FanoutReport {
@@ -149,11 +149,11 @@ pub fn build(
         },
         connections: Connections {
             requested: args.subscribers,
-            established: col.ready,
-            failed: col.failed,
+            established: col.setup.ready,
+            failed: col.setup.failed,
             open_at_end: outcome.open_at_end,
             closed_early: col.closed_early,
-            connect_ms: Summary::of(&col.connect),
+            connect_ms: Summary::of(&col.setup.connect),
             subscribe_ms: Summary::of(&col.subscribe),
         },
         publish: Publishing {
@@ -299,7 +299,9 @@ mod tests {
             "1s",
         ])
         .unwrap();
-        let Scenario::Fanout(args) = cli.scenario;
+        let Scenario::Fanout(args) = cli.scenario else {
+            panic!("fanout expected")
+        };
         let mut col = Collector::default();
         for _ in 0..2 {
             col.on(Event::Ready {
