@@ -29,6 +29,8 @@ pub struct GatewayMetrics {
     pub publish_to_deliver: Histogram,
     /// Socket accepted to `connect` answered.
     pub connect_latency: Histogram,
+    /// `rpc` received to its final reply (or error) queued.
+    pub rpc_latency: Histogram,
     /// Publications received with an offset gap on a channel (missed by this node).
     pub delivery_gaps: Counter,
     /// Shared by every connection's outbound queue.
@@ -51,6 +53,7 @@ impl GatewayMetrics {
             errors: Family::default(),
             publish_to_deliver: latency_histogram(),
             connect_latency: latency_histogram(),
+            rpc_latency: latency_histogram(),
             delivery_gaps: Counter::default(),
             outbound_bytes: Gauge::default(),
         };
@@ -118,6 +121,11 @@ impl GatewayMetrics {
             "rt_gateway_connect_seconds",
             "From socket accepted to connect answered",
             m.connect_latency.clone(),
+        );
+        registry.register(
+            "rt_gateway_rpc_seconds",
+            "From an rpc command to its final reply or error",
+            m.rpc_latency.clone(),
         );
         registry.register(
             "rt_gateway_delivery_gaps",

@@ -35,6 +35,7 @@ pub struct RpcPart {
 pub struct RpcDone {
     pub id: u32,
     pub request_id: String,
+    pub started: std::time::Instant,
     pub result: Result<Bytes, ErrorBody>,
 }
 
@@ -88,6 +89,7 @@ impl Connection {
         };
         self.rpcs_running.insert(request_id.clone());
         let addr = ctx.address();
+        let started = std::time::Instant::now();
         let fut = async move {
             let result = loop {
                 let message = match stream.next().await {
@@ -116,6 +118,7 @@ impl Connection {
             addr.do_send(RpcDone {
                 id,
                 request_id,
+                started,
                 result,
             });
         };
@@ -202,6 +205,10 @@ impl Handler<RpcDone> for Connection {
     fn handle(&mut self, done: RpcDone, _: &mut Self::Context) {
         self.inflight -= 1;
         self.rpcs_running.remove(&done.request_id);
+        self.app
+            .metrics
+            .rpc_latency
+            .observe(done.started.elapsed().as_secs_f64());
         match done.result {
             Ok(data) => self.reply_ok(done.id, Out::map([("data", Out::Data(data))])),
             Err(error) => {

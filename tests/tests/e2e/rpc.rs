@@ -87,6 +87,8 @@ async fn streaming_results_arrive_before_the_final_reply() {
         assert_eq!(data["mean"], json!(50.5));
         assert_eq!(data["p99"], json!(99.0));
     }
+    let text = http::get(cluster.addr(0), "/metrics", &[]).await.text();
+    assert!(text.contains("rt_gateway_rpc_seconds_count 2"), "{text}");
 }
 
 #[actix_rt::test]
