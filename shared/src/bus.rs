@@ -416,11 +416,11 @@ pub fn is_part(message: &Message) -> bool {
         .is_some_and(|v| v.as_str() == "1")
 }
 
-/// Headers carrying a child of `trace` (or nothing).
+/// Headers carrying `trace` (the sender's current span), or nothing.
 pub fn headers_with(trace: Option<&TraceContext>) -> HeaderMap {
     let mut headers = HeaderMap::new();
     if let Some(trace) = trace {
-        trace.child().inject_nats(&mut headers);
+        trace.inject_nats(&mut headers);
     }
     headers
 }

@@ -68,6 +68,7 @@ impl fmt::Debug for Secret {
 pub struct Config {
     pub nats: NatsConfig,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
     pub gateway: GatewayConfig,
     pub broadcast: BroadcastConfig,
     pub compute: ComputeConfig,
@@ -96,6 +97,23 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A `tracing` filter; `RUST_LOG` wins when set.
     pub filter: String,
+}
+
+/// OpenTelemetry export. Unset values fall back to the standard `OTEL_*`
+/// variables (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_EXPORTER_OTLP_ENDPOINT`,
+/// `OTEL_TRACES_SAMPLER_ARG`, `OTEL_SERVICE_NAME`), then to the defaults.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Export spans over OTLP/HTTP. Off by default: trace context still
+    /// travels in headers, nothing is sent anywhere.
+    pub otlp_enabled: bool,
+    /// Full OTLP/HTTP traces URL (`…/v1/traces`); default `http://127.0.0.1:4318/v1/traces`.
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces sampled (a sampled caller's trace is always followed); default 1.0.
+    pub sampling_ratio: Option<f64>,
+    /// `service.name` of the spans; default the binary's name.
+    pub service_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -394,6 +412,22 @@ impl Config {
             return Err(invalid(
                 "gateway.max_inflight_per_connection",
                 "must be > 0",
+            ));
+        }
+        if let Some(ratio) = self.telemetry.sampling_ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            return Err(invalid(
+                "telemetry.sampling_ratio",
+                "must be between 0 and 1",
+            ));
+        }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(invalid(
+                "telemetry.otlp_endpoint",
+                "must be an http:// or https:// URL",
             ));
         }
         if g.rpc_timeout_ms == 0 {

@@ -1,8 +1,8 @@
 //! What every `realtime` service runs on.
 //!
 //! - [`config`]: defaults → TOML file → `RT_…` environment, validated once.
-//! - [`telemetry`]: log setup (pretty or JSON), rate-limited warnings; the
-//!   seam where OpenTelemetry export plugs in.
+//! - [`telemetry`]: logs (pretty, or [`log_format`] JSON lines with trace ids),
+//!   OpenTelemetry spans exported over OTLP, rate-limited warnings.
 //! - [`trace_context`]: W3C `traceparent` carried in NATS and HTTP headers.
 //! - [`bus`]: the typed NATS bus (ordered bounded lane, request/reply with deadlines);
 //!   [`broadcast_client`]: the typed client for the broadcast service.
@@ -16,6 +16,7 @@ pub mod bus;
 pub mod config;
 pub mod health;
 pub mod lag;
+pub mod log_format;
 pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;

@@ -84,6 +84,12 @@ impl TraceContext {
         s
     }
 
+    pub fn span_id_hex(&self) -> String {
+        let mut s = String::with_capacity(16);
+        push_hex(&mut s, &self.span_id);
+        s
+    }
+
     pub fn trace_id_hex(&self) -> String {
         let mut s = String::with_capacity(32);
         push_hex(&mut s, &self.trace_id);

@@ -18,6 +18,8 @@ pub struct TestCluster {
     pub broadcast: Option<BroadcastHandle>,
     pub compute: Option<ComputeHandle>,
     pub gateways: Vec<GatewayHandle>,
+    /// The process's telemetry, when this cluster installed it (the first in a test binary).
+    pub telemetry: Option<std::sync::Arc<rt_shared::telemetry::Telemetry>>,
 }
 
 /// The configuration tests start from: ephemeral ports, a known API key,
@@ -62,7 +64,11 @@ impl TestCluster {
         let nats = NatsServer::start();
         let mut config = test_config(&nats.url());
         adjust(&mut config);
-        rt_shared::telemetry::init(&config.log);
+        let telemetry = std::sync::Arc::new(rt_shared::telemetry::init(
+            &config.log,
+            &config.telemetry,
+            "rt-tests",
+        ));
         let broadcast = rt_broadcast::run(config.clone())
             .await
             .expect("broadcast starts");
@@ -72,6 +78,7 @@ impl TestCluster {
             broadcast: Some(broadcast),
             compute: None,
             gateways: Vec::new(),
+            telemetry: Some(telemetry),
         };
         for _ in 0..gateways {
             cluster.add_gateway().await;
@@ -90,6 +97,7 @@ impl TestCluster {
             broadcast: None,
             compute: None,
             gateways: Vec::new(),
+            telemetry: None,
         };
         cluster.add_gateway().await;
         cluster
@@ -122,6 +130,13 @@ impl TestCluster {
     /// A connected client on gateway `gateway`.
     pub async fn client(&self, gateway: usize, encoding: WsEncoding) -> WsClient {
         WsClient::connected(&self.ws_url(gateway), encoding).await
+    }
+
+    /// Sends buffered spans now (the exporter blocks, so off the event loop).
+    pub async fn flush_telemetry(&self) {
+        if let Some(telemetry) = self.telemetry.clone() {
+            let _ = tokio::task::spawn_blocking(move || telemetry.flush()).await;
+        }
     }
 
     /// A plain NATS client, as any backend service would use.

@@ -16,7 +16,7 @@ use rt_proto::{ChannelName, ErrorCode, subject};
 use rt_shared::Bus;
 use rt_shared::bus::headers_with;
 use rt_shared::config::{Config, NamespaceConfig};
-use rt_shared::telemetry::{RateLimitedLog, now_ms};
+use rt_shared::telemetry::{RateLimitedLog, current_context, now_ms, set_remote_parent};
 use rt_shared::trace_context::TraceContext;
 use serde::Serialize;
 
@@ -157,7 +157,7 @@ impl Shard {
                 Ok(payload) => {
                     reserved.publish(
                         subject::deliver(&msg.channel),
-                        headers_with(msg.trace.as_ref()),
+                        headers_with(current_context().as_ref()),
                         Bytes::from(payload),
                     );
                 }
@@ -205,6 +205,21 @@ impl Handler<Incoming> for Shard {
     type Result = ();
 
     fn handle(&mut self, mut msg: Incoming, _: &mut Self::Context) {
+        let span = match &msg.kind {
+            IncomingKind::Publish { .. } => {
+                tracing::info_span!("broadcast.sequence", channel = %msg.channel)
+            }
+            IncomingKind::History(_) => {
+                tracing::info_span!("broadcast.history", channel = %msg.channel)
+            }
+            IncomingKind::Recover(_) => {
+                tracing::info_span!("broadcast.recover", channel = %msg.channel)
+            }
+        };
+        if let Some(parent) = &msg.trace {
+            set_remote_parent(&span, parent);
+        }
+        let _entered = span.enter();
         let kind = std::mem::replace(
             &mut msg.kind,
             IncomingKind::Recover(RecoverRequest { since: None }),

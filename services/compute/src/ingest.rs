@@ -13,6 +13,7 @@ use bytes::Bytes;
 use rt_proto::internal::WireError;
 use rt_proto::{ErrorCode, rpc, subject};
 use rt_shared::telemetry::RateLimitedLog;
+use rt_shared::trace_context::TraceContext;
 
 use crate::registry::Registry;
 use crate::worker::{Job, Shared, Worker};
@@ -99,6 +100,7 @@ impl Ingest {
             cancelled,
             deadline_ms,
             accepted: Instant::now(),
+            trace: TraceContext::from_nats_headers(message.headers.as_ref()),
         });
         Ok(())
     }

@@ -13,8 +13,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    rt_shared::telemetry::init(&config.log);
-    actix_rt::System::new().block_on(async move {
+    let telemetry = rt_shared::telemetry::init(&config.log, &config.telemetry, "rt-compute");
+    let code = actix_rt::System::new().block_on(async move {
         let handle = match rt_compute::run(config).await {
             Ok(handle) => handle,
             Err(error) => {
@@ -26,5 +26,8 @@ fn main() -> ExitCode {
         tracing::info!("shutting down");
         handle.stop().await;
         ExitCode::SUCCESS
-    })
+    });
+    // Last, off the event loop: it blocks until buffered spans are sent.
+    telemetry.shutdown();
+    code
 }

@@ -82,6 +82,8 @@ pub struct Job {
     /// Caller's deadline, ms since the Unix epoch.
     pub deadline_ms: Option<u64>,
     pub accepted: Instant,
+    /// The caller's trace, continued by the job's span.
+    pub trace: Option<rt_shared::trace_context::TraceContext>,
 }
 
 impl Message for Job {
@@ -124,6 +126,11 @@ impl Handler<Job> for Worker {
             self.forget(&job);
             return;
         }
+        let span = tracing::info_span!("compute.job", method = %job.method_name);
+        if let Some(parent) = &job.trace {
+            rt_shared::telemetry::set_remote_parent(&span, parent);
+        }
+        let _entered = span.enter();
         let started = Instant::now();
         let mut call = Call::new(
             job.request.clone(),

@@ -12,7 +12,7 @@ use rt_proto::outbound::{self, ErrorBody, Out};
 use rt_proto::{ChannelName, CloseCode, ErrorCode};
 use rt_shared::BusError;
 use rt_shared::broadcast_client::Pending;
-use rt_shared::trace_context::TraceContext;
+use rt_shared::telemetry::current_context;
 
 use crate::connection::{Connection, Phase, SubSlot};
 use crate::errors::bus_error;
@@ -49,6 +49,21 @@ impl Connection {
                 };
             }
         };
+        // A span for each command that crosses to another service: its
+        // context rides in the NATS headers, so the whole action is one trace.
+        let span = match &command {
+            Command::Connect(_)
+            | Command::Subscribe { .. }
+            | Command::Publish { .. }
+            | Command::History { .. }
+            | Command::Rpc { .. } => tracing::info_span!(
+                "gateway.command",
+                op = envelope.op.as_deref().unwrap_or_default(),
+                client = %self.client_id
+            ),
+            _ => tracing::Span::none(),
+        };
+        let _entered = span.enter();
         match command {
             Command::Connect(args) => self.connect(id, args, ctx),
             Command::Subscribe { channel, since, .. } => self.subscribe(id, channel, since, ctx),
@@ -343,6 +358,7 @@ impl Connection {
         let broadcast = self.app.broadcast.clone();
         let timeout = Duration::from_millis(self.app.config.nats.request_timeout_ms);
         let with_pubs = since.is_some();
+        let trace = current_context();
         Ok(async move {
             match tokio::time::timeout(timeout, ready).await {
                 Ok(Ok(())) => {}
@@ -353,9 +369,8 @@ impl Connection {
                     ));
                 }
             }
-            let trace = TraceContext::new_root(true);
             let pending = broadcast
-                .recover(&channel, since, Some(&trace))
+                .recover(&channel, since, trace.as_ref())
                 .map_err(|e| (token, bus_error(&e)))?;
             let reply = pending.wait().await.map_err(|e| (token, bus_error(&e)))?;
             Ok((token, sub_result(reply, with_pubs)))
@@ -428,13 +443,13 @@ impl Connection {
             client: self.client_id.clone(),
             info: None,
         };
-        let trace = TraceContext::new_root(true);
+        let trace = current_context();
         let sent = self.app.broadcast.publish_data(
             &channel,
             data,
             Some(info),
             idempotency_key,
-            Some(&trace),
+            trace.as_ref(),
         );
         self.forward(id, sent, ctx, |ack| {
             Out::map([
@@ -466,8 +481,11 @@ impl Connection {
             since,
             reverse,
         };
-        let trace = TraceContext::new_root(true);
-        let sent = self.app.broadcast.history(&channel, &request, Some(&trace));
+        let trace = current_context();
+        let sent = self
+            .app
+            .broadcast
+            .history(&channel, &request, trace.as_ref());
         self.forward(id, sent, ctx, |reply| {
             Out::map([
                 (
@@ -496,7 +514,8 @@ impl Connection {
                 return self.reply_error(id, &bus_error(&error));
             }
         };
-        ctx.spawn(pending.wait().into_actor(self).map(move |result, conn, _| {
+        let reply = tracing::Instrument::instrument(pending.wait(), tracing::Span::current());
+        ctx.spawn(reply.into_actor(self).map(move |result, conn, _| {
             conn.inflight -= 1;
             match result {
                 Ok(answer) => conn.reply_ok(id, to_result(answer)),

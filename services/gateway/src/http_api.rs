@@ -16,7 +16,9 @@ use rmpv::Value;
 use rt_proto::internal::{HistoryRequest, PubInfo, StreamPosition};
 use rt_proto::outbound::{self, Out};
 use rt_proto::{ChannelName, Encoding, ErrorCode, value};
+use rt_shared::telemetry::{current_context, set_remote_parent};
 use rt_shared::trace_context::TraceContext;
+use tracing::Instrument as _;
 
 use crate::errors::bus_error;
 use crate::state::AppState;
@@ -135,10 +137,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn trace_of(req: &HttpRequest) -> TraceContext {
-    header(req, "traceparent")
-        .and_then(|parent| TraceContext::parse(parent, header(req, "tracestate")))
-        .unwrap_or_else(|| TraceContext::new_root(true))
+/// A span for one API request, joining the caller's trace when it sent a
+/// `traceparent`.
+fn request_span(req: &HttpRequest, route: &'static str) -> tracing::Span {
+    let span = tracing::info_span!("gateway.http", route);
+    if let Some(parent) =
+        header(req, "traceparent").and_then(|p| TraceContext::parse(p, header(req, "tracestate")))
+    {
+        set_remote_parent(&span, &parent);
+    }
+    span
 }
 
 async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
@@ -225,7 +233,10 @@ fn channel(state: &AppState, name: &str) -> Result<ChannelName, ApiError> {
 }
 
 async fn publish(req: HttpRequest, payload: web::Payload, state: State) -> HttpResponse {
-    match publish_inner(&req, payload, &state).await {
+    match publish_inner(&req, payload, &state)
+        .instrument(request_span(&req, "publish"))
+        .await
+    {
         Ok(out) => respond(&req, StatusCode::OK, &out),
         Err(error) => fail(&req, &state, &error),
     }
@@ -245,10 +256,10 @@ async fn publish_inner(
     let data = data_field(req, &fields)?;
     let info = info_field(&fields)?;
     let key = str_field(&fields, "idempotency_key")?;
-    let trace = trace_of(req);
+    let trace = current_context();
     let ack = state
         .broadcast
-        .publish_data(&channel, data, info, key, Some(&trace))
+        .publish_data(&channel, data, info, key, trace.as_ref())
         .map_err(|e| ApiError::from_body(bus_error(&e)))?
         .wait()
         .await
@@ -260,7 +271,10 @@ async fn publish_inner(
 }
 
 async fn broadcast(req: HttpRequest, payload: web::Payload, state: State) -> HttpResponse {
-    match broadcast_inner(&req, payload, &state).await {
+    match broadcast_inner(&req, payload, &state)
+        .instrument(request_span(&req, "broadcast"))
+        .await
+    {
         Ok(out) => respond(&req, StatusCode::OK, &out),
         Err(error) => fail(&req, &state, &error),
     }
@@ -285,7 +299,7 @@ async fn broadcast_inner(
     }
     let data = data_field(req, &fields)?;
     let info = info_field(&fields)?;
-    let trace = trace_of(req);
+    let trace = current_context();
     // Every request is sent first (in order), then all replies are awaited together.
     let mut pending = Vec::with_capacity(channels.len());
     for name in channels {
@@ -293,7 +307,7 @@ async fn broadcast_inner(
             Some(name) => channel(state, name).and_then(|ch| {
                 state
                     .broadcast
-                    .publish_data(&ch, data.clone(), info.clone(), None, Some(&trace))
+                    .publish_data(&ch, data.clone(), info.clone(), None, trace.as_ref())
                     .map_err(|e| ApiError::from_body(bus_error(&e)))
             }),
             None => Err(ApiError::bad("channel names must be strings")),
@@ -325,7 +339,10 @@ struct HistoryQuery {
 }
 
 async fn history(req: HttpRequest, path: web::Path<String>, state: State) -> HttpResponse {
-    match history_inner(&req, &path, &state).await {
+    match history_inner(&req, &path, &state)
+        .instrument(request_span(&req, "history"))
+        .await
+    {
         Ok(out) => respond(&req, StatusCode::OK, &out),
         Err(error) => fail(&req, &state, &error),
     }
@@ -367,10 +384,10 @@ async fn history_inner(req: &HttpRequest, name: &str, state: &AppState) -> Resul
         since,
         reverse,
     };
-    let trace = trace_of(req);
+    let trace = current_context();
     let reply = state
         .broadcast
-        .history(&channel, &request, Some(&trace))
+        .history(&channel, &request, trace.as_ref())
         .map_err(|e| ApiError::from_body(bus_error(&e)))?
         .wait()
         .await

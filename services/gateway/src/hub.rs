@@ -22,7 +22,8 @@ use futures_util::StreamExt as _;
 use rt_proto::internal::Publication;
 use rt_proto::{ChannelName, CloseCode, Encoding, outbound, subject};
 use rt_shared::Bus;
-use rt_shared::telemetry::{RateLimitedLog, now_ms};
+use rt_shared::telemetry::{RateLimitedLog, add_link, now_ms};
+use rt_shared::trace_context::TraceContext;
 use tokio::sync::oneshot;
 
 use crate::metrics::GatewayMetrics;
@@ -323,7 +324,14 @@ async fn run_relay(
             message = subscription.next() => {
                 let Some(message) = message else { break };
                 match rt_proto::internal::from_msgpack::<Publication>(&message.payload) {
-                    Ok(publication) => hub.fan_out(&channel, generation, publication),
+                    Ok(publication) => {
+                        // One span per fan-out, linked to the publication's trace.
+                        let span = tracing::info_span!("gateway.fanout", channel = %channel, offset = publication.offset);
+                        if let Some(origin) = TraceContext::from_nats_headers(message.headers.as_ref()) {
+                            add_link(&span, &origin);
+                        }
+                        span.in_scope(|| hub.fan_out(&channel, generation, publication));
+                    }
                     Err(error) => {
                         if let Some(suppressed) = RELAY_ERRORS.allow() {
                             tracing::error!(%channel, %error, suppressed, "undecodable delivery");

@@ -14,8 +14,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    rt_shared::telemetry::init(&config.log);
-    actix_rt::System::new().block_on(async move {
+    let telemetry = rt_shared::telemetry::init(&config.log, &config.telemetry, "rt-gateway");
+    let code = actix_rt::System::new().block_on(async move {
         let handle = match rt_gateway::run(config).await {
             Ok(handle) => handle,
             Err(error) => {
@@ -27,5 +27,8 @@ fn main() -> ExitCode {
         tracing::info!("draining");
         handle.drain().await;
         ExitCode::SUCCESS
-    })
+    });
+    // Last, off the event loop: it blocks until buffered spans are sent.
+    telemetry.shutdown();
+    code
 }

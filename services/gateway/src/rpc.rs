@@ -15,8 +15,8 @@ use rt_proto::rpc::{self, RpcReply};
 use rt_proto::{ChannelName, ErrorCode, subject};
 use rt_shared::BusError;
 use rt_shared::bus::{headers_with, is_part};
+use rt_shared::telemetry::current_context;
 use rt_shared::telemetry::now_ms;
-use rt_shared::trace_context::TraceContext;
 
 use crate::connection::Connection;
 use crate::errors::bus_error;
@@ -66,7 +66,7 @@ impl Connection {
             timeout_ms.map_or(config.rpc_timeout_ms, |t| t.clamp(1, config.rpc_timeout_ms));
         self.rpc_seq += 1;
         let request_id = rpc::request_id(&self.client_id, self.rpc_seq);
-        let mut headers = headers_with(Some(&TraceContext::new_root(true)));
+        let mut headers = headers_with(current_context().as_ref());
         headers.insert(rpc::HEADER_REQUEST_ID, request_id.as_str());
         headers.insert(
             rpc::HEADER_DEADLINE,
@@ -122,7 +122,7 @@ impl Connection {
                 result,
             });
         };
-        ctx.spawn(fut.into_actor(self));
+        ctx.spawn(tracing::Instrument::instrument(fut, tracing::Span::current()).into_actor(self));
     }
 
     /// Tells whoever runs the calls still open that nobody waits for them.
