@@ -135,6 +135,9 @@ pub async fn run(config: Config) -> Result<GatewayHandle, GatewayError> {
         health: health.clone(),
         metrics: registry,
     };
+    // The main thread runs the NATS connection's tasks: probe it too, and
+    // let it report the process's memory.
+    lag::spawn_probe("main", common.clone(), true);
     let factory_app = app.clone();
     let server = HttpServer::new(move || {
         // The factory runs once per worker thread: give each worker its probe.

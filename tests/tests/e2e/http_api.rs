@@ -1,5 +1,7 @@
 //! `/api/*` for backend services, and the ops endpoints.
 
+use std::time::Duration;
+
 use rt_tests::http;
 use serde_json::json;
 
@@ -204,6 +206,33 @@ async fn health_readiness_and_metrics() {
     ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let before = value(&text, "rt_gateway_messages_in_total");
+    assert!(
+        value(&text, "rt_gateway_connect_seconds_count") >= 1.0,
+        "{text}"
+    );
+    c.command("ping", json!({})).await;
+    let text = http::get(addr, "/metrics", &[]).await.text();
+    assert!(
+        value(&text, "rt_gateway_messages_in_total") > before,
+        "counters move"
+    );
+    eventually(
+        "process memory reported",
+        Duration::from_secs(5),
+        || async {
+            let text = http::get(addr, "/metrics", &[]).await.text();
+            (value(&text, "rt_process_resident_memory_bytes") > 1e6).then_some(())
+        },
+    )
+    .await;
     let ops = cluster.broadcast.as_ref().expect("broadcast").ops_addr();
     assert_eq!(http::get(ops, "/readyz", &[]).await.status, 200);
     let text = http::get(ops, "/metrics", &[]).await.text();
