@@ -9,7 +9,7 @@
 //! - [`metrics`]: per-service Prometheus registry and the common metrics;
 //!   [`lag`]: the runtime-lag probe.
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
-//! - [`shutdown`]: SIGTERM/SIGINT as a future.
+//! - [`shutdown`]: SIGTERM/SIGINT as a future; [`service`]: the `main` every binary shares.
 
 pub mod broadcast_client;
 pub mod bus;
@@ -18,6 +18,7 @@ pub mod health;
 pub mod lag;
 pub mod log_format;
 pub mod metrics;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod trace_context;
