@@ -85,9 +85,11 @@ pub struct Bus {
 static LANE_ERRORS: RateLimitedLog = RateLimitedLog::new(5_000);
 
 impl Bus {
-    /// Connects (retrying in the background until NATS answers), starts the
-    /// outgoing lane and the reply router on the current runtime, and returns
-    /// once the reply subscription is registered with the server.
+    /// Starts connecting (retrying in the background until NATS answers),
+    /// starts the outgoing lane and the reply router on the current runtime,
+    /// and returns at once: a service can serve `/healthz` meanwhile. Await
+    /// [`Bus::flush`] to know the connection is up and subscriptions are
+    /// registered with the server.
     pub async fn connect(
         config: &NatsConfig,
         name: &str,
@@ -130,11 +132,8 @@ impl Bus {
         });
         tokio::spawn(run_lane(client.clone(), lane_rx));
         tokio::spawn(route_replies(Arc::downgrade(&inner), replies));
-        client
-            .flush()
-            .await
-            .map_err(|e| BusError::Subscribe(e.to_string()))?;
-        health.set_nats_connected(true);
+        // Readiness follows the connection events (see `on_event`).
+        drop(health);
         Ok(Bus { inner })
     }
 

@@ -40,6 +40,28 @@ impl NatsServer {
         panic!("nats-server did not start");
     }
 
+    /// Starts on a given port (a test that needs the port before the server exists).
+    pub fn start_on(port: u16) -> Self {
+        let binary = find_binary();
+        let dir = tempfile::tempdir().expect("temp dir for JetStream");
+        let child = Command::new(&binary)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        assert!(
+            wait_for_port(port, Duration::from_secs(10)),
+            "nats-server did not listen on {port}"
+        );
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }

@@ -73,6 +73,20 @@ pub async fn run(config: Config) -> Result<BroadcastHandle, BroadcastError> {
     let common = CommonMetrics::new(&registry);
     let metrics = BroadcastMetrics::new(&registry);
     let health = Health::default();
+    // Health is served from the start; readiness waits for NATS.
+    let state = OpsState {
+        health: health.clone(),
+        metrics: registry,
+    };
+    let (server, ops_addr) =
+        rt_shared::health::serve(&config.broadcast.http_addr, state).map_err(|source| {
+            BroadcastError::Bind {
+                addr: config.broadcast.http_addr.clone(),
+                source,
+            }
+        })?;
+    let ops = server.handle();
+    actix_rt::spawn(server);
     let bus = Bus::connect(&config.nats, "rt-broadcast", health.clone(), common.clone()).await?;
 
     let shard_count = match config.broadcast.shards {
@@ -117,19 +131,6 @@ pub async fn run(config: Config) -> Result<BroadcastHandle, BroadcastError> {
     });
     lag::spawn_probe("main", common, true);
 
-    let state = OpsState {
-        health: health.clone(),
-        metrics: registry,
-    };
-    let (server, ops_addr) =
-        rt_shared::health::serve(&config.broadcast.http_addr, state).map_err(|source| {
-            BroadcastError::Bind {
-                addr: config.broadcast.http_addr.clone(),
-                source,
-            }
-        })?;
-    let ops = server.handle();
-    actix_rt::spawn(server);
     health.set_warmed();
     tracing::info!(%ops_addr, shards = shard_count, nats = %config.nats.url, "broadcast ready");
     Ok(BroadcastHandle {

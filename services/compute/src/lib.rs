@@ -89,6 +89,20 @@ pub async fn run_with(config: Config, registry: Registry) -> Result<ComputeHandl
     let common = CommonMetrics::new(&metrics_registry);
     let metrics = ComputeMetrics::new(&metrics_registry);
     let health = Health::default();
+    // Health is served from the start; readiness waits for NATS.
+    let state = OpsState {
+        health: health.clone(),
+        metrics: metrics_registry,
+    };
+    let (server, ops_addr) =
+        rt_shared::health::serve(&config.compute.http_addr, state).map_err(|source| {
+            ComputeError::Bind {
+                addr: config.compute.http_addr.clone(),
+                source,
+            }
+        })?;
+    let ops = server.handle();
+    actix_rt::spawn(server);
     let bus = Bus::connect(&config.nats, "rt-compute", health.clone(), common.clone()).await?;
     let workers = match config.compute.workers {
         0 => std::thread::available_parallelism().map_or(1, usize::from),
@@ -133,19 +147,6 @@ pub async fn run_with(config: Config, registry: Registry) -> Result<ComputeHandl
     });
     lag::spawn_probe("main", common, true);
 
-    let state = OpsState {
-        health: health.clone(),
-        metrics: metrics_registry,
-    };
-    let (server, ops_addr) =
-        rt_shared::health::serve(&config.compute.http_addr, state).map_err(|source| {
-            ComputeError::Bind {
-                addr: config.compute.http_addr.clone(),
-                source,
-            }
-        })?;
-    let ops = server.handle();
-    actix_rt::spawn(server);
     health.set_warmed();
     tracing::info!(%ops_addr, workers, nats = %config.nats.url, "compute ready");
     Ok(ComputeHandle {

@@ -110,6 +110,7 @@ pub async fn run(config: Config) -> Result<GatewayHandle, GatewayError> {
     let metrics = GatewayMetrics::new(&registry);
     let health = Health::default();
     let bus = Bus::connect(&config.nats, "rt-gateway", health.clone(), common.clone()).await?;
+    let bus_for_flush = bus.clone();
     let node = match config.gateway.node_name.as_str() {
         "" => format!("gw-{:06x}", fastrand::u32(..0x100_0000)),
         name => name.to_owned(),
@@ -173,6 +174,8 @@ pub async fn run(config: Config) -> Result<GatewayHandle, GatewayError> {
     let server = server.run();
     let handle = server.handle();
     actix_rt::spawn(server);
+    // Health is served from here on; ready once NATS is up.
+    bus_for_flush.flush().await?;
     health.set_warmed();
     tracing::info!(%addr, node, workers, nats = %config.nats.url, "gateway ready");
     Ok(GatewayHandle {

@@ -96,3 +96,37 @@ async fn a_silent_connection_is_closed_as_stale_with_4009() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[actix_rt::test]
+async fn health_is_served_while_nats_is_down_and_readiness_follows_it() {
+    let nats_port = rt_tests::nats::free_port();
+    let http_port = rt_tests::nats::free_port();
+    let mut config = rt_tests::cluster::test_config(&format!("nats://127.0.0.1:{nats_port}"));
+    config.gateway.http_addr = format!("127.0.0.1:{http_port}");
+    let starting = actix_rt::spawn(rt_gateway::run(config));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], http_port));
+    eventually("/healthz answers without NATS", STEP, || async move {
+        let res = http::request(addr, "GET", "/healthz", &[], b"")
+            .await
+            .ok()?;
+        (res.status == 200).then_some(())
+    })
+    .await;
+    assert_eq!(
+        http::get(addr, "/readyz", &[]).await.status,
+        503,
+        "not ready without NATS"
+    );
+
+    let _nats = rt_tests::NatsServer::start_on(nats_port);
+    let gateway = within(
+        "the gateway finishes starting",
+        Duration::from_secs(30),
+        starting,
+    )
+    .await
+    .expect("start task")
+    .expect("the gateway starts once NATS is up");
+    assert_eq!(http::get(addr, "/readyz", &[]).await.status, 200);
+    gateway.stop().await;
+}
