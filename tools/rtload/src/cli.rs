@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::clock::parse_duration;
-use crate::scenario::{fanout, ping, rpc};
+use crate::scenario::{fanout, idle, ping, rpc};
 use crate::wire::Encoding;
 
 #[derive(Parser, Debug)]
@@ -41,6 +41,9 @@ pub enum Scenario {
     /// Open-loop RPC calls: latency to the final reply, throughput, outcomes by error code
     /// (113 busy and its retry_after, 114 timeout, 104), partial results.
     Rpc(rpc::Args),
+    /// N connections held idle: the gateway's memory per connection (from /metrics or
+    /// /proc/<pid>/status).
+    Idle(idle::Args),
 }
 
 /// Options every scenario takes.
@@ -216,5 +219,40 @@ mod tests {
             panic!("rpc expected")
         };
         assert_eq!(args.plan().timeout, Duration::from_secs(12));
+    }
+
+    #[test]
+    fn idle_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "rtload",
+            "idle",
+            "--url",
+            "ws://127.0.0.1:8080/ws",
+            "--connections",
+            "5000",
+            "--hold",
+            "20s",
+            "--gateway-pid",
+            "4242",
+            "--metrics",
+            "http://127.0.0.1:8080/metrics",
+            "--bind-ip",
+            "127.0.0.2,127.0.0.3",
+            "--json-out",
+            "idle.json",
+        ])
+        .unwrap();
+        let Scenario::Idle(args) = cli.scenario else {
+            panic!("idle expected")
+        };
+        assert_eq!(args.connections, 5000);
+        assert_eq!(args.hold, Duration::from_secs(20));
+        assert_eq!(args.settle, Duration::from_secs(5));
+        assert_eq!(args.gateway_pid, Some(4242));
+        assert_eq!(args.common.bind_ip.len(), 2);
+        let Scenario::Idle(args) = Cli::try_parse_from(["rtload", "idle"]).unwrap().scenario else {
+            panic!("idle expected")
+        };
+        assert_eq!((args.metrics, args.gateway_pid), (None, None));
     }
 }

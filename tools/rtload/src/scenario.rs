@@ -4,6 +4,7 @@
 //! here, a variant in [`crate::cli::Scenario`], an arm in [`run`].
 
 pub mod fanout;
+pub mod idle;
 pub mod ping;
 pub mod rpc;
 
@@ -16,6 +17,7 @@ pub async fn run(scenario: Scenario) -> Result<ExitCode> {
     match scenario {
         Scenario::Fanout(args) => fanout::run(args).await,
         Scenario::Ping(args) => ping::run(args).await,
+        Scenario::Idle(args) => idle::run(args).await,
         Scenario::Rpc(args) => rpc::run(args).await,
     }
 }

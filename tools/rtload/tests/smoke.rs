@@ -51,7 +51,7 @@ fn common(cluster: &TestCluster, report: &Path) -> Vec<String> {
 }
 
 #[actix_rt::test]
-async fn fanout_ping_and_rpc_scenarios_run_against_the_real_services() {
+async fn fanout_ping_rpc_and_idle_scenarios_run_against_the_real_services() {
     let mut cluster = TestCluster::start().await;
     cluster.start_compute().await;
     let dir = tempfile_dir();
@@ -116,6 +116,21 @@ async fn fanout_ping_and_rpc_scenarios_run_against_the_real_services() {
         rpc["parts"]["pushes"].as_u64().is_some_and(|n| n > 0),
         "partial results counted: {rpc}"
     );
+
+    // Memory is measured, not asserted: only that every connection came up and a
+    // per-connection figure was computed (from the gateway's /metrics, next to --url).
+    let report = dir.join("idle.json");
+    let mut args: Vec<String> = vec!["idle".into()];
+    args.extend(common(&cluster, &report));
+    args.extend(["--connections", "20", "--hold", "2s", "--settle", "1s"].map(str::to_owned));
+    let idle = rtload(args, &report).await;
+    assert_eq!(idle["connections"]["established"], 20, "{idle}");
+    assert_eq!(idle["connections"]["closed_early"], 0, "{idle}");
+    assert!(
+        idle["memory"]["per_connection_kib"].is_f64(),
+        "per-connection memory reported: {idle}"
+    );
+    println!("idle report: {idle}");
 }
 
 fn tempfile_dir() -> std::path::PathBuf {
