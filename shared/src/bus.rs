@@ -167,13 +167,35 @@ impl Bus {
             .map_err(|e| BusError::Subscribe(e.to_string()))
     }
 
-    /// Waits until the server has processed everything sent so far.
+    /// Waits until what was sent so far is written to the server's socket
+    /// (and so, at start-up, until the connection is up). It does not mean
+    /// the server has processed it: see [`Bus::sync`].
     pub async fn flush(&self) -> Result<(), BusError> {
         self.inner
             .client
             .flush()
             .await
             .map_err(|_| BusError::Closed)
+    }
+
+    /// Waits until the server has *processed* everything this connection
+    /// sent so far, subscriptions included: a request to a subject nobody
+    /// serves comes back as "no responders" only after the server handled
+    /// all that came before it on this connection. Call it after subscribing
+    /// and before relying on the subscription from another connection
+    /// (async-nats' flush only empties the socket buffer).
+    pub async fn sync(&self) -> Result<(), BusError> {
+        let subject = format!("{}.sync", self.inner.client.new_inbox());
+        match self.inner.client.request(subject, Bytes::new()).await {
+            Ok(_) => Ok(()),
+            Err(error) => match error.kind() {
+                async_nats::RequestErrorKind::NoResponders => Ok(()),
+                async_nats::RequestErrorKind::TimedOut => {
+                    Err(BusError::Timeout(self.inner.timeout))
+                }
+                _ => Err(BusError::Closed),
+            },
+        }
     }
 
     /// Publishes in call order without waiting.

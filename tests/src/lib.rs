@@ -49,3 +49,16 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Waits until the NATS server has processed everything `client` sent so far
+/// (its subscriptions included): async-nats' `flush` only empties the socket
+/// buffer, while a request nobody serves is answered "no responders" only
+/// after the server handled all that came before it on this connection.
+pub async fn nats_sync(client: &async_nats::Client) {
+    let subject = format!("{}.sync", client.new_inbox());
+    match client.request(subject, bytes::Bytes::new()).await {
+        Ok(_) => {}
+        Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => {}
+        Err(error) => panic!("NATS round trip failed: {error}"),
+    }
+}

@@ -14,30 +14,48 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
+    /// Starts on a port the server picks itself (`-p -1`) and reports in its
+    /// ports file: choosing a free port first and passing it would race with
+    /// the other tests starting servers in parallel.
     pub fn start() -> Self {
         let binary = find_binary();
         let dir = tempfile::tempdir().expect("temp dir for JetStream");
-        for _ in 0..5 {
-            let port = free_port();
-            let mut child = Command::new(&binary)
-                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-            if wait_for_port(port, Duration::from_secs(10)) {
-                return Self {
-                    child,
-                    port,
-                    _dir: dir,
-                };
+        let mut child = Command::new(&binary)
+            .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
+            .arg(dir.path())
+            .arg("--ports_file_dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let ports_file = dir.path().join(format!("nats-server_{}.ports", child.id()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let port = loop {
+            if let Some(port) = std::fs::read_to_string(&ports_file)
+                .ok()
+                .and_then(|text| client_port(&text))
+            {
+                break port;
             }
-            // Lost a race for the port: try another.
-            let _ = child.kill();
-            let _ = child.wait();
+            if Instant::now() >= deadline || matches!(child.try_wait(), Ok(Some(_))) {
+                let _ = child.kill();
+                panic!(
+                    "nats-server did not start (no ports file in {})",
+                    dir.path().display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            wait_for_port(port, Duration::from_secs(10)),
+            "nats-server did not listen on {port}"
+        );
+        Self {
+            child,
+            port,
+            _dir: dir,
         }
-        panic!("nats-server did not start");
     }
 
     /// Starts on a given port (a test that needs the port before the server exists).
@@ -54,6 +72,12 @@ impl NatsServer {
         assert!(
             wait_for_port(port, Duration::from_secs(10)),
             "nats-server did not listen on {port}"
+        );
+        let mut child = child;
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            matches!(child.try_wait(), Ok(None)),
+            "nats-server exited: port {port} was taken by another process"
         );
         Self {
             child,
@@ -76,6 +100,12 @@ impl Drop for NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The client port from a ports file: `{"nats":["nats://127.0.0.1:PORT"],…}`.
+fn client_port(text: &str) -> Option<u16> {
+    let json: serde_json::Value = serde_json::from_str(text).ok()?;
+    json["nats"][0].as_str()?.rsplit(':').next()?.parse().ok()
 }
 
 fn find_binary() -> PathBuf {

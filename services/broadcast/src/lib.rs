@@ -120,7 +120,10 @@ pub async fn run(config: Config) -> Result<BroadcastHandle, BroadcastError> {
                 .await?,
         );
     }
+    // Connected, then the subscriptions registered with the server, before
+    // this service reports ready.
     bus.flush().await?;
+    bus.sync().await?;
     let ingest_bus = bus.clone();
     let ingest_config = config.clone();
     let ingest = Ingest::create(move |ctx| {

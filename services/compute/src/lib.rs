@@ -137,7 +137,10 @@ pub async fn run_with(config: Config, registry: Registry) -> Result<ComputeHandl
         bus.subscribe(subject::wildcard(subject::CANCEL_PREFIX))
             .await?,
     );
+    // Connected, then the subscriptions registered with the server, before
+    // this service reports ready.
     bus.flush().await?;
+    bus.sync().await?;
     tracing::info!(methods = ?names, workers, "compute methods registered");
     let ingest = Ingest::create(move |ctx| {
         for subscription in subscriptions {

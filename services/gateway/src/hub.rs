@@ -313,8 +313,12 @@ async fn run_relay(
         }
     };
     // The subscription must be registered with the server before anyone asks
-    // broadcast for a position, or a publication could fall between the two.
-    if hub.bus.flush().await.is_err() {
+    // broadcast for a position, or a publication could fall between the two:
+    // a round trip through the server, not just a socket flush.
+    if let Err(error) = hub.bus.sync().await {
+        if let Some(suppressed) = RELAY_ERRORS.allow() {
+            tracing::error!(%channel, %error, suppressed, "channel subscription not confirmed");
+        }
         return;
     }
     hub.relay_started(&channel, generation);

@@ -45,7 +45,7 @@ async fn http_traceparent_travels_to_the_delivery() {
         .subscribe("rt.deliver.chat:traced")
         .await
         .expect("subscribe");
-    nats.flush().await.expect("flush");
+    rt_tests::nats_sync(&nats).await;
     let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let auth = format!("apikey {API_KEY}");
     let res = http::request(

@@ -328,9 +328,9 @@ async fn broadcast_missing_is_113_and_silent_is_114() {
     // A responder that never answers: the deadline gives 114.
     let nats = cluster.nats_client().await;
     let _silent = nats.subscribe("rt.bc.history.>").await.expect("subscribe");
-    nats.flush().await.expect("flush");
+    rt_tests::nats_sync(&nats).await;
     let reply = c.command("history", json!({"channel": "chat:a"})).await;
-    assert_eq!(code(&reply), 114);
+    assert_eq!(code(&reply), 114, "{reply}");
     assert_eq!(reply["error"]["temporary"], json!(true));
     tokio::time::sleep(Duration::from_millis(10)).await;
 }

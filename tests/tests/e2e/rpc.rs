@@ -126,7 +126,7 @@ async fn any_service_can_answer_an_rpc_method() {
         .queue_subscribe("rt.rpc.echo.upper", "echo-service".into())
         .await
         .expect("subscribe");
-    nats.flush().await.expect("flush");
+    rt_tests::nats_sync(&nats).await;
     let responder = nats.clone();
     let seen = actix_rt::spawn(async move {
         let request = requests.next().await.expect("a request");
@@ -178,7 +178,7 @@ async fn a_silent_method_times_out_with_114_and_is_cancelled() {
         .await
         .expect("subscribe");
     let mut cancels = nats.subscribe("rt.cancel.>").await.expect("subscribe");
-    nats.flush().await.expect("flush");
+    rt_tests::nats_sync(&nats).await;
     let mut c = cluster.client(0, WsEncoding::Json).await;
     let started = Instant::now();
     let reply = c
