@@ -1,10 +1,10 @@
 //! W3C trace context (`traceparent` / `tracestate`) as it rides in NATS and
 //! HTTP headers.
 //!
-//! Every hop that receives a context continues the same trace with a new span
-//! id ([`TraceContext::child`]), so one user action keeps one trace id across
-//! gateway → broadcast → gateway. Span export to a collector plugs in at
-//! [`crate::telemetry`]; the ids here are what it will attach to.
+//! The ids come from the OpenTelemetry span of the sender
+//! ([`crate::telemetry::current_context`]); a receiver continues the trace
+//! with [`crate::telemetry::set_remote_parent`], so one user action keeps one
+//! trace id across gateway → broadcast → gateway.
 
 use std::fmt::Write as _;
 
@@ -21,33 +21,6 @@ pub struct TraceContext {
 }
 
 impl TraceContext {
-    /// Starts a new trace; `sampled` sets the W3C sampled flag.
-    pub fn new_root(sampled: bool) -> Self {
-        let mut trace_id = [0u8; 16];
-        trace_id[..8].copy_from_slice(&nonzero_u64().to_be_bytes());
-        trace_id[8..].copy_from_slice(&fastrand::u64(..).to_be_bytes());
-        Self {
-            trace_id,
-            span_id: nonzero_u64().to_be_bytes(),
-            flags: u8::from(sampled),
-            state: None,
-        }
-    }
-
-    /// The same trace, a new span (the next hop).
-    pub fn child(&self) -> Self {
-        Self {
-            trace_id: self.trace_id,
-            span_id: nonzero_u64().to_be_bytes(),
-            flags: self.flags,
-            state: self.state.clone(),
-        }
-    }
-
-    pub fn is_sampled(&self) -> bool {
-        self.flags & 1 == 1
-    }
-
     /// Parses a `traceparent` value (version 00; unknown versions are read
     /// by their first four fields, as the spec asks). Invalid → `None`.
     pub fn parse(traceparent: &str, tracestate: Option<&str>) -> Option<Self> {
@@ -112,10 +85,6 @@ impl TraceContext {
     }
 }
 
-fn nonzero_u64() -> u64 {
-    fastrand::u64(1..)
-}
-
 fn push_hex(s: &mut String, bytes: &[u8]) {
     for b in bytes {
         let _ = write!(s, "{b:02x}");
@@ -142,16 +111,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn round_trip_and_child_keeps_trace() {
-        let root = TraceContext::new_root(true);
-        let header = root.traceparent();
-        assert_eq!(header.len(), 55);
-        let parsed = TraceContext::parse(&header, None).expect("valid");
-        assert_eq!(parsed, root);
-        let child = root.child();
-        assert_eq!(child.trace_id, root.trace_id);
-        assert_ne!(child.span_id, root.span_id);
-        assert!(child.is_sampled());
+    fn formats_what_it_parses() {
+        let header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let context = TraceContext::parse(header, None).expect("valid");
+        assert_eq!(context.traceparent(), header);
+        assert_eq!(context.span_id_hex(), "00f067aa0ba902b7");
+        assert_eq!(context.flags, 1);
     }
 
     #[test]
@@ -178,7 +143,11 @@ mod tests {
 
     #[test]
     fn nats_headers_round_trip() {
-        let ctx = TraceContext::new_root(false);
+        let ctx = TraceContext::parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+            Some("k=v"),
+        )
+        .expect("valid");
         let mut headers = async_nats::HeaderMap::new();
         ctx.inject_nats(&mut headers);
         assert_eq!(TraceContext::from_nats_headers(Some(&headers)), Some(ctx));
