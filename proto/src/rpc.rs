@@ -10,10 +10,10 @@
 use bytes::Bytes;
 use rmpv::Value;
 
+use crate::Encoding;
 use crate::internal::WireError;
 use crate::outbound::{self, Out};
 use crate::value;
-use crate::{Encoding, ErrorCode};
 
 /// Header marking a partial result.
 pub const HEADER_PART: &str = "Rt-Part";
@@ -127,14 +127,10 @@ pub fn decode_reply(bytes: &[u8]) -> Result<RpcReply, RpcDecodeError> {
     Err(RpcDecodeError::Empty)
 }
 
-/// A method's own error, as it goes back to the caller.
-pub fn method_error(code: ErrorCode, message: impl Into<String>) -> WireError {
-    WireError::new(code, message)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ErrorCode;
 
     #[test]
     fn request_round_trip_splices_data() {

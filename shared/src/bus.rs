@@ -142,11 +142,6 @@ impl Bus {
         &self.inner.client
     }
 
-    /// Default deadline for requests.
-    pub fn request_timeout(&self) -> Duration {
-        self.inner.timeout
-    }
-
     pub async fn subscribe(&self, subject: String) -> Result<Subscriber, BusError> {
         self.inner
             .client

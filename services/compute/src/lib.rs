@@ -55,17 +55,11 @@ pub struct ComputeHandle {
     ops: actix_web::dev::ServerHandle,
     ingest: Addr<Ingest>,
     health: Health,
-    workers: usize,
 }
 
 impl ComputeHandle {
     pub fn ops_addr(&self) -> SocketAddr {
         self.ops_addr
-    }
-
-    /// Worker threads running jobs.
-    pub fn workers(&self) -> usize {
-        self.workers
     }
 
     /// Leaves the queue groups (other instances take new calls), then stops.
@@ -157,6 +151,5 @@ pub async fn run_with(config: Config, registry: Registry) -> Result<ComputeHandl
         ops,
         ingest,
         health,
-        workers,
     })
 }

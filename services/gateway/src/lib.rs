@@ -62,11 +62,6 @@ impl GatewayHandle {
         self.addr
     }
 
-    /// Open WebSocket connections.
-    pub fn connections(&self) -> usize {
-        self.app.connections.len()
-    }
-
     /// Graceful shutdown: readiness turns false, no new connections, every
     /// socket gets `disconnect` and close 4005 with a jittered
     /// `retry_after_ms` (so clients do not all come back at once), then the
