@@ -80,6 +80,11 @@ pub fn latency_line(summary: Option<&Summary>) -> String {
 }
 
 /// `p50 1.234 / p99 5.678 ms`.
+/// The title suffix of a report cut short by Ctrl-C.
+pub fn interrupted_suffix(interrupted: bool) -> &'static str {
+    if interrupted { " (INTERRUPTED)" } else { "" }
+}
+
 pub fn p50_p99(summary: Option<&Summary>) -> String {
     match summary {
         None => "-".to_string(),

@@ -108,6 +108,21 @@ pub struct Connections {
     pub connect_ms: Option<Summary>,
 }
 
+impl Connections {
+    /// The report line: how many came up, failed, stayed, and connect latency.
+    pub fn line(&self) -> String {
+        format!(
+            "connections   {} of {} established, {} failed, {} open at end, {} closed early; connect {}\n",
+            self.established,
+            self.requested,
+            self.failed,
+            self.open_at_end,
+            self.closed_early,
+            p50_p99(self.connect_ms.as_ref()),
+        )
+    }
+}
+
 /// Measured-window counts.
 #[derive(Serialize, Debug)]
 pub struct Calls {
@@ -292,22 +307,9 @@ impl CallsReport {
             c.duration_s,
             c.warmup_s,
             c.timeout_ms,
-            if self.interrupted {
-                " (INTERRUPTED)"
-            } else {
-                ""
-            },
+            crate::report::interrupted_suffix(self.interrupted),
         );
-        let k = &self.connections;
-        out += &format!(
-            "connections   {} of {} established, {} failed, {} open at end, {} closed early; connect {}\n",
-            k.established,
-            k.requested,
-            k.failed,
-            k.open_at_end,
-            k.closed_early,
-            p50_p99(k.connect_ms.as_ref()),
-        );
+        out += &self.connections.line();
         let n = &self.calls;
         out += &format!(
             "{:<14}offered {:.1}/s, sent {:.1}/s ({} of {}); ok {} = {:.1}/s, failed {}; send lag {}\n",

@@ -446,22 +446,9 @@ impl IdleReport {
             c.encoding,
             c.settle_s,
             c.hold_s,
-            if self.interrupted {
-                " (INTERRUPTED)"
-            } else {
-                ""
-            },
+            crate::report::interrupted_suffix(self.interrupted),
         );
-        let k = &self.connections;
-        out += &format!(
-            "connections   {} of {} established, {} failed, {} open at end, {} closed early; connect {}\n",
-            k.established,
-            k.requested,
-            k.failed,
-            k.open_at_end,
-            k.closed_early,
-            p50_p99(k.connect_ms.as_ref()),
-        );
+        out += &self.connections.line();
         let m = &self.memory;
         let opt = |b: Option<u64>| b.map_or_else(|| "-".to_string(), mib);
         out += &format!(

@@ -208,11 +208,7 @@ impl FanoutReport {
             c.rate,
             c.duration_s,
             c.warmup_s,
-            if self.interrupted {
-                " (INTERRUPTED)"
-            } else {
-                ""
-            },
+            crate::report::interrupted_suffix(self.interrupted),
         );
         let k = &self.connections;
         out += &format!(
