@@ -6,6 +6,7 @@
 //! - [`value`]: MessagePack ↔ JSON conversion rules.
 //! - [`internal`]: service-to-service envelopes; [`subject`]: every NATS subject.
 //! - [`rpc`]: the public RPC request/reply shapes on `rt.rpc.<method>`.
+//! - [`session`]: gateway ↔ session envelopes and the KV layout of shared state.
 //! - [`channel`]: channel-name validation; [`codes`]: error and close codes.
 //!
 //! No I/O lives here.
@@ -18,6 +19,7 @@ pub mod frame;
 pub mod internal;
 pub mod outbound;
 pub mod rpc;
+pub mod session;
 pub mod subject;
 pub mod value;
 

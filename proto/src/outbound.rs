@@ -12,6 +12,7 @@ use bytes::Bytes;
 use crate::codes::ErrorCode;
 use crate::encoding::Encoding;
 use crate::internal::{PubInfo, Publication};
+use crate::session::{PresenceReply, PresentClient};
 use crate::value;
 
 /// One outbound value.
@@ -134,6 +135,50 @@ fn pub_info(info: &PubInfo) -> Out {
     }
 }
 
+/// `{"push": "join"|"leave", channel, info: {user, client, info?}}`.
+pub fn push_presence(join: bool, channel: &str, client: &PresentClient) -> Out {
+    Out::map([
+        ("push", Out::str(if join { "join" } else { "leave" })),
+        ("channel", Out::str(channel.to_owned())),
+        ("info", client_info(client)),
+    ])
+}
+
+/// The result of `presence`: `{clients: {client: {user, info?}}}`, or
+/// `{count}` when the channel is too large to list.
+pub fn presence(reply: &PresenceReply) -> Out {
+    match &reply.clients {
+        Some(clients) => Out::map([(
+            "clients",
+            Out::Map(
+                clients
+                    .iter()
+                    .map(|c| {
+                        let entry = Out::map([("user", Out::str(c.user.clone()))]);
+                        let entry = match &c.info {
+                            Some(raw) => entry.with("info", Out::Raw(raw.clone())),
+                            None => entry,
+                        };
+                        (Cow::Owned(c.client.clone()), entry)
+                    })
+                    .collect(),
+            ),
+        )]),
+        None => Out::map([("count", Out::UInt(reply.count))]),
+    }
+}
+
+fn client_info(client: &PresentClient) -> Out {
+    let out = Out::map([
+        ("user", Out::str(client.user.clone())),
+        ("client", Out::str(client.client.clone())),
+    ]);
+    match &client.info {
+        Some(raw) => out.with("info", Out::Raw(raw.clone())),
+        None => out,
+    }
+}
+
 /// `{"push": "unsubscribed", channel, code, reason}`.
 pub fn push_unsubscribed(channel: &str, code: ErrorCode, reason: &str) -> Out {
     Out::map([
@@ -187,6 +232,18 @@ pub fn encode(out: &Out, encoding: Encoding) -> Vec<u8> {
             serde_json::to_vec(&json).unwrap_or_default()
         }
     }
+}
+
+/// Several messages as the bytes of one frame, separated per the encoding.
+pub fn encode_many(messages: &[Out], encoding: Encoding) -> Vec<u8> {
+    let mut buf = Vec::new();
+    for (i, message) in messages.iter().enumerate() {
+        if i > 0 {
+            buf.extend_from_slice(separator(encoding));
+        }
+        buf.extend_from_slice(&encode(message, encoding));
+    }
+    buf
 }
 
 /// What goes between two messages in one frame.

@@ -23,6 +23,15 @@ pub struct Pending<T> {
     _reply_type: std::marker::PhantomData<fn() -> T>,
 }
 
+impl<T> Pending<T> {
+    pub(crate) fn new(reply: PendingReply) -> Self {
+        Self {
+            reply,
+            _reply_type: std::marker::PhantomData,
+        }
+    }
+}
+
 impl<T: serde::de::DeserializeOwned> Pending<T> {
     pub async fn wait(self) -> Result<T, BusError> {
         self.reply.decode::<T>().await

@@ -72,6 +72,7 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub broadcast: BroadcastConfig,
     pub compute: ComputeConfig,
+    pub session: SessionConfig,
     /// Options of channels without a `:` namespace.
     pub default_namespace: NamespaceConfig,
     /// Options of each named namespace; channels in any other namespace get 102.
@@ -160,6 +161,20 @@ pub struct GatewayConfig {
     pub drain_timeout_ms: u64,
     /// Node name shown to clients; empty generates one.
     pub node_name: String,
+    /// New connections admitted per second (token bucket refill); 0 admits all.
+    pub connect_rate: u32,
+    /// Connections admitted at once before the rate applies (bucket size).
+    pub connect_burst: u32,
+    /// Base of the jittered `retry_after_ms` sent with 4007 when admission refuses.
+    pub admission_retry_after_ms: u64,
+    /// Distinct channels this node may hold subscriptions for; past it, 106.
+    pub max_channels: usize,
+    /// How often this node announces itself alive (presence and sessions
+    /// of a node that stops are cleaned up after `session.node_ttl_ms`).
+    pub heartbeat_ms: u64,
+    /// Join/leave events of one channel collected this long before they go
+    /// out as one message (only while events keep coming; an isolated one goes at once).
+    pub presence_batch_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -201,6 +216,47 @@ pub struct ComputeConfig {
     pub max_values: usize,
 }
 
+/// The session service: tokens, sessions, presence reads, persistence.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Health and metrics endpoint; port 0 picks a free port.
+    pub http_addr: String,
+    /// `sqlite://path` (created if missing), `sqlite::memory:`, or `postgres://…`.
+    pub database_url: String,
+    /// HS256 secret; empty disables HS256 tokens.
+    pub jwt_hmac_secret: Secret,
+    /// PEM public key (RSA → RS256, EC P-256 → ES256), inline; empty disables.
+    pub jwt_public_key_pem: String,
+    /// Same as `jwt_public_key_pem`, read from a file.
+    pub jwt_public_key_file: String,
+    /// Clock skew tolerated on `exp` (and `nbf`), in seconds.
+    pub jwt_leeway_secs: u64,
+    /// How long a session can be resumed after its connection ended.
+    pub resume_ttl_secs: u64,
+    /// Live connections one user may hold across the cluster; 0: no limit.
+    pub max_connections_per_user: u32,
+    /// Requests waiting to be handled; past it callers get 113 with a retry hint.
+    pub queue_capacity: usize,
+    /// Verified tokens and authorization verdicts kept in memory.
+    pub cache_capacity: usize,
+    /// Longest a cached verdict lives (never past the token's `exp`).
+    pub cache_ttl_secs: u64,
+    /// Database writes per batch (write-behind).
+    pub write_batch_size: usize,
+    /// How long a write waits for its batch to fill.
+    pub write_interval_ms: u64,
+    /// Writes held in memory while the database is slow or down; past it the
+    /// oldest audit rows are dropped (counted), sessions and revocations kept.
+    pub write_buffer: usize,
+    /// Sessions read from the database into the cache at start-up.
+    pub warm_sessions: usize,
+    /// A gateway silent for this long is considered gone: its clients leave presence.
+    pub node_ttl_ms: u64,
+    /// Channels with more present clients than this answer `presence` with a count.
+    pub presence_max_list: usize,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct NamespaceConfig {
@@ -214,6 +270,12 @@ pub struct NamespaceConfig {
     pub allow_anonymous: bool,
     /// What happens when a subscriber cannot keep up.
     pub slow_consumer: SlowConsumerPolicy,
+    /// Subscribing needs the channel in the token's `channels` claim or a channel token.
+    pub private: bool,
+    /// Whether `presence` answers for channels here.
+    pub presence: bool,
+    /// Whether subscribers get `join`/`leave` pushes.
+    pub join_leave: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -263,6 +325,12 @@ impl Default for GatewayConfig {
             drain_retry_after_ms: 2_000,
             drain_timeout_ms: 5_000,
             node_name: String::new(),
+            connect_rate: 0,
+            connect_burst: 1_000,
+            admission_retry_after_ms: 1_000,
+            max_channels: 100_000,
+            heartbeat_ms: 2_000,
+            presence_batch_ms: 50,
         }
     }
 }
@@ -295,6 +363,30 @@ impl Default for ComputeConfig {
     }
 }
 
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            http_addr: "127.0.0.1:8083".into(),
+            database_url: "sqlite://rt-session.db".into(),
+            jwt_hmac_secret: Secret::default(),
+            jwt_public_key_pem: String::new(),
+            jwt_public_key_file: String::new(),
+            jwt_leeway_secs: 5,
+            resume_ttl_secs: 300,
+            max_connections_per_user: 100,
+            queue_capacity: 4_096,
+            cache_capacity: 100_000,
+            cache_ttl_secs: 300,
+            write_batch_size: 500,
+            write_interval_ms: 100,
+            write_buffer: 100_000,
+            warm_sessions: 10_000,
+            node_ttl_ms: 10_000,
+            presence_max_list: 1_000,
+        }
+    }
+}
+
 impl Default for NamespaceConfig {
     fn default() -> Self {
         Self {
@@ -303,6 +395,9 @@ impl Default for NamespaceConfig {
             client_publish: true,
             allow_anonymous: true,
             slow_consumer: SlowConsumerPolicy::Disconnect,
+            private: false,
+            presence: false,
+            join_leave: false,
         }
     }
 }
@@ -377,6 +472,7 @@ impl Config {
             ("gateway.http_addr", &self.gateway.http_addr),
             ("broadcast.http_addr", &self.broadcast.http_addr),
             ("compute.http_addr", &self.compute.http_addr),
+            ("session.http_addr", &self.session.http_addr),
         ] {
             addr.parse::<SocketAddr>()
                 .map_err(|e| invalid(key, format!("{addr:?} is not ip:port ({e})")))?;
@@ -451,6 +547,47 @@ impl Config {
         }
         if self.broadcast.shard_mailbox == 0 {
             return Err(invalid("broadcast.shard_mailbox", "must be > 0"));
+        }
+        if g.heartbeat_ms == 0 {
+            return Err(invalid("gateway.heartbeat_ms", "must be > 0"));
+        }
+        if g.connect_rate > 0 && g.connect_burst == 0 {
+            return Err(invalid(
+                "gateway.connect_burst",
+                "must be > 0 when connect_rate is set",
+            ));
+        }
+        let s = &self.session;
+        if !(s.database_url.starts_with("sqlite:")
+            || s.database_url.starts_with("postgres://")
+            || s.database_url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "session.database_url",
+                "must start with sqlite:, postgres:// or postgresql://",
+            ));
+        }
+        if !s.jwt_public_key_pem.is_empty() && !s.jwt_public_key_file.is_empty() {
+            return Err(invalid(
+                "session.jwt_public_key_file",
+                "set either jwt_public_key_pem or jwt_public_key_file, not both",
+            ));
+        }
+        for (key, value) in [
+            ("session.queue_capacity", s.queue_capacity),
+            ("session.write_batch_size", s.write_batch_size),
+            ("session.write_buffer", s.write_buffer),
+            ("session.cache_capacity", s.cache_capacity),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be > 0"));
+            }
+        }
+        if s.node_ttl_ms <= g.heartbeat_ms {
+            return Err(invalid(
+                "session.node_ttl_ms",
+                "must be longer than gateway.heartbeat_ms",
+            ));
         }
         for name in self.namespaces.keys() {
             if name.is_empty() || rt_proto::channel::validate(name).is_err() || name.contains(':') {

@@ -5,18 +5,22 @@ use std::net::SocketAddr;
 use rt_broadcast::BroadcastHandle;
 use rt_compute::ComputeHandle;
 use rt_gateway::GatewayHandle;
+use rt_session::SessionHandle;
 use rt_shared::config::Config;
 
 use crate::nats::NatsServer;
 use crate::ws_client::{WsClient, WsEncoding};
 
 pub const API_KEY: &str = "test-api-key";
+/// The HS256 secret test tokens are signed with ([`crate::tokens`]).
+pub const JWT_SECRET: &str = "test-jwt-secret-of-reasonable-length";
 
 pub struct TestCluster {
     pub nats: NatsServer,
     pub config: Config,
     pub broadcast: Option<BroadcastHandle>,
     pub compute: Option<ComputeHandle>,
+    pub sessions: Vec<SessionHandle>,
     pub gateways: Vec<GatewayHandle>,
     /// The process's telemetry, when this cluster installed it (the first in a test binary).
     pub telemetry: Option<std::sync::Arc<rt_shared::telemetry::Telemetry>>,
@@ -40,6 +44,13 @@ pub fn test_config(nats_url: &str) -> Config {
     // Cheap argon2 in tests; the benchmark uses the production cost.
     config.compute.argon2_memory_kib = 1024;
     config.compute.argon2_iterations = 1;
+    config.session.http_addr = "127.0.0.1:0".into();
+    config.session.database_url = "sqlite::memory:".into();
+    config.session.jwt_hmac_secret = rt_shared::config::Secret::new(JWT_SECRET);
+    config.session.jwt_leeway_secs = 0;
+    // Fast enough that tests of a dying gateway take seconds, not minutes.
+    config.gateway.heartbeat_ms = 200;
+    config.session.node_ttl_ms = 1_000;
     let chat = rt_shared::config::NamespaceConfig {
         history_size: 1_000,
         ..Default::default()
@@ -50,11 +61,26 @@ pub fn test_config(nats_url: &str) -> Config {
         ..Default::default()
     };
     config.namespaces.insert("feed".into(), feed);
+    // "room:<x>": presence and join/leave pushes, token holders only.
+    let room = rt_shared::config::NamespaceConfig {
+        presence: true,
+        join_leave: true,
+        allow_anonymous: false,
+        ..Default::default()
+    };
+    config.namespaces.insert("room".into(), room);
+    // "priv:<x>": private (token `channels` claim or a channel token).
+    let private = rt_shared::config::NamespaceConfig {
+        private: true,
+        allow_anonymous: false,
+        ..Default::default()
+    };
+    config.namespaces.insert("priv".into(), private);
     config
 }
 
 impl TestCluster {
-    /// One broadcast and one gateway with [`test_config`].
+    /// One broadcast, one session service and one gateway with [`test_config`].
     pub async fn start() -> Self {
         Self::start_with(1, |_| {}).await
     }
@@ -72,11 +98,15 @@ impl TestCluster {
         let broadcast = rt_broadcast::run(config.clone())
             .await
             .expect("broadcast starts");
+        let session = rt_session::run(config.clone())
+            .await
+            .expect("session service starts");
         let mut cluster = Self {
             nats,
             config,
             broadcast: Some(broadcast),
             compute: None,
+            sessions: vec![session],
             gateways: Vec::new(),
             telemetry: Some(telemetry),
         };
@@ -96,6 +126,7 @@ impl TestCluster {
             config,
             broadcast: None,
             compute: None,
+            sessions: Vec::new(),
             gateways: Vec::new(),
             telemetry: None,
         };
@@ -109,6 +140,15 @@ impl TestCluster {
             .await
             .expect("compute starts");
         self.compute = Some(compute);
+    }
+
+    /// Starts one more session service instance (they share the load).
+    pub async fn add_session(&mut self) -> usize {
+        let session = rt_session::run(self.config.clone())
+            .await
+            .expect("session service starts");
+        self.sessions.push(session);
+        self.sessions.len() - 1
     }
 
     pub async fn add_gateway(&mut self) -> usize {
@@ -130,6 +170,14 @@ impl TestCluster {
     /// A connected client on gateway `gateway`.
     pub async fn client(&self, gateway: usize, encoding: WsEncoding) -> WsClient {
         WsClient::connected(&self.ws_url(gateway), encoding).await
+    }
+
+    /// A client on gateway `gateway` connected as `user` (a fresh test token).
+    pub async fn client_as(&self, gateway: usize, encoding: WsEncoding, user: &str) -> WsClient {
+        let args = serde_json::json!({ "token": crate::tokens::token(user) });
+        WsClient::connected_with(&self.ws_url(gateway), encoding, args)
+            .await
+            .0
     }
 
     /// Sends buffered spans now (the exporter blocks, so off the event loop).

@@ -3,7 +3,8 @@
 //! speaks the public protocol.
 //!
 //! - [`NatsServer`]: started per test, JetStream on, temp dir, killed on drop.
-//! - [`TestCluster`]: NATS + broadcast + N gateways, configured per test.
+//! - [`TestCluster`]: NATS + broadcast + session + N gateways, configured per test.
+//! - [`tokens`]: JWTs signed with the cluster's test secret.
 //! - [`WsClient`]: a protocol client over tokio-tungstenite, both encodings.
 //! - [`http`]: a minimal HTTP/1.1 client for `/api/*` and ops endpoints.
 
@@ -15,6 +16,7 @@
 pub mod cluster;
 pub mod http;
 pub mod nats;
+pub mod tokens;
 pub mod ws_client;
 
 pub use cluster::TestCluster;

@@ -103,6 +103,18 @@ impl WsClient {
         client
     }
 
+    /// Opens a socket and completes a `connect` with `args` (token, session,
+    /// subs…); returns the client and the `ok` result.
+    pub async fn connected_with(url: &str, encoding: WsEncoding, args: Value) -> (Self, Value) {
+        let mut client = Self::open(url, encoding).await;
+        let reply = client.command("connect", args).await;
+        let ok = reply
+            .get("ok")
+            .cloned()
+            .unwrap_or_else(|| panic!("connect failed: {reply}"));
+        (client, ok)
+    }
+
     /// Encodes one message in this client's encoding.
     pub fn encode(&self, message: &Value) -> Message {
         match self.encoding {
@@ -191,6 +203,16 @@ impl WsClient {
                 return message;
             }
         }
+    }
+
+    /// Closes the socket normally (1000) and waits for the server's answer.
+    pub async fn close(&mut self) {
+        let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+            reason: "bye".into(),
+        };
+        let _ = within("close", STEP, self.ws.close(Some(frame))).await;
+        while let Some(Ok(_)) = within("close answer", STEP, self.ws.next()).await {}
     }
 
     /// Reads frames until the server closes; returns the close code and reason.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web_actors::ws;
-use rt_proto::command::{Command, ConnectArgs, Envelope, SubRequest};
+use rt_proto::command::{Command, Envelope, SubRequest};
 use rt_proto::internal::{HistoryRequest, PubInfo, RecoverReply, StreamPosition};
 use rt_proto::outbound::{self, ErrorBody, Out};
 use rt_proto::{ChannelName, CloseCode, ErrorCode};
@@ -38,6 +38,15 @@ impl Connection {
                 "the first command must be connect",
             );
         }
+        if self.phase == Phase::Authenticating {
+            return self.reply_error(
+                id,
+                &ErrorBody::new(
+                    ErrorCode::BAD_REQUEST,
+                    "wait for the connect reply before sending commands",
+                ),
+            );
+        }
         let command = match Command::parse(&envelope, self.encoding) {
             Ok(command) => command,
             Err(error) => {
@@ -54,6 +63,8 @@ impl Connection {
         let span = match &command {
             Command::Connect(_)
             | Command::Subscribe { .. }
+            | Command::Presence { .. }
+            | Command::Refresh { .. }
             | Command::Publish { .. }
             | Command::History { .. }
             | Command::Rpc { .. } => tracing::info_span!(
@@ -66,8 +77,12 @@ impl Connection {
         let _entered = span.enter();
         match command {
             Command::Connect(args) => self.connect(id, args, ctx),
-            Command::Subscribe { channel, since, .. } => self.subscribe(id, channel, since, ctx),
-            Command::Unsubscribe { channel } => self.unsubscribe(id, &channel),
+            Command::Subscribe {
+                channel,
+                since,
+                token,
+            } => self.subscribe(id, channel, since, token, ctx),
+            Command::Unsubscribe { channel } => self.unsubscribe(id, &channel, ctx),
             Command::Publish {
                 channel,
                 data,
@@ -80,25 +95,13 @@ impl Connection {
                 reverse,
             } => self.history(id, channel, limit, since, reverse, ctx),
             Command::Ping => self.reply_ok(id, Out::Map(Vec::new())),
-            Command::Presence { .. } => self.reply_error(
-                id,
-                &ErrorBody::new(
-                    ErrorCode::NOT_AVAILABLE,
-                    "presence is not enabled on this deployment",
-                ),
-            ),
+            Command::Presence { channel } => self.presence(id, &channel, ctx),
             Command::Rpc {
                 method,
                 data,
                 timeout_ms,
             } => self.rpc(id, &method, data, timeout_ms, ctx),
-            Command::Refresh { .. } => self.reply_error(
-                id,
-                &ErrorBody::new(
-                    ErrorCode::NOT_AVAILABLE,
-                    "token authentication is not enabled on this deployment",
-                ),
-            ),
+            Command::Refresh { token } => self.refresh(id, token, ctx),
         }
     }
 
@@ -116,20 +119,18 @@ impl Connection {
     }
 
     /// A failed first `connect`: the error reply, then the close §6 prescribes.
-    fn refuse_connect(&mut self, id: u32, error: &ErrorBody) {
+    pub(crate) fn refuse_connect(&mut self, id: u32, error: &ErrorBody) {
         self.reply_error(id, error);
         self.close_after_drain(CloseCode::after_failed_connect(error.code), &error.message);
     }
 
     pub(crate) fn user(&self) -> &str {
-        match &self.phase {
-            Phase::Connected { user } => user,
-            _ => "",
-        }
+        &self.identity.user
     }
 
-    /// Checks a channel name and its namespace for a client operation.
-    fn channel_for(&self, name: &str, publish: bool) -> Result<ChannelName, ErrorBody> {
+    /// Checks a channel name and its namespace for a client operation:
+    /// anonymous access, private channels, client publishing.
+    pub(crate) fn channel_for(&self, name: &str, publish: bool) -> Result<ChannelName, ErrorBody> {
         let channel = ChannelName::parse(name).map_err(|e| {
             ErrorBody::new(ErrorCode::BAD_REQUEST, format!("channel {name:?}: {e}"))
         })?;
@@ -143,6 +144,12 @@ impl Connection {
             return Err(ErrorBody::new(
                 ErrorCode::PERMISSION_DENIED,
                 "anonymous clients may not use this namespace",
+            ));
+        }
+        if namespace.private && !self.may_access_private(name) {
+            return Err(ErrorBody::new(
+                ErrorCode::PERMISSION_DENIED,
+                "a private channel: it needs the token's channels claim or a channel token",
             ));
         }
         if publish && !namespace.client_publish {
@@ -168,58 +175,9 @@ impl Connection {
         true
     }
 
-    fn connect(&mut self, id: u32, args: ConnectArgs, ctx: &mut Ctx) {
-        if self.phase != Phase::AwaitingConnect {
-            return self.reply_error(
-                id,
-                &ErrorBody::new(ErrorCode::BAD_REQUEST, "already connected"),
-            );
-        }
-        let config = &self.app.config.gateway;
-        if args.token.is_some() {
-            return self.refuse_connect(
-                id,
-                &ErrorBody::new(
-                    ErrorCode::UNAUTHORIZED,
-                    "token authentication is not enabled on this deployment",
-                ),
-            );
-        }
-        if !config.allow_anonymous {
-            return self.refuse_connect(
-                id,
-                &ErrorBody::new(
-                    ErrorCode::UNAUTHORIZED,
-                    "anonymous connections are not allowed",
-                ),
-            );
-        }
-        self.phase = Phase::Connected {
-            user: String::new(),
-        };
-        let result = Out::map([
-            ("client", Out::str(self.client_id.clone())),
-            // Sessions become resumable with the session service; until then
-            // a session is this connection, and `subs` with positions recovers.
-            ("session", Out::str(self.client_id.clone())),
-            ("user", Out::str("")),
-            ("ping_ms", Out::UInt(config.ping_interval_ms)),
-            ("node", Out::str(self.app.node.clone())),
-        ]);
-        if args.subs.is_empty() {
-            self.reply_ok(id, result);
-            self.app
-                .metrics
-                .connect_latency
-                .observe(self.opened.elapsed().as_secs_f64());
-            return;
-        }
-        self.connect_with_subs(id, result, args.subs, ctx);
-    }
-
     /// Subscribes every `subs` entry, then answers `connect` with all results
     /// at once; live publications wait in the hub until after that reply.
-    fn connect_with_subs(
+    pub(crate) fn connect_with_subs(
         &mut self,
         id: u32,
         result: Out,
@@ -250,7 +208,7 @@ impl Connection {
                 .into_iter()
                 .map(|(name, wait)| async move { (name, wait.await) }),
         );
-        ctx.spawn(fut.into_actor(self).map(move |outcomes, conn, _| {
+        ctx.spawn(fut.into_actor(self).map(move |outcomes, conn, ctx| {
             conn.inflight -= 1;
             let mut live = Vec::new();
             for (name, outcome) in outcomes {
@@ -280,12 +238,35 @@ impl Connection {
                 .connect_latency
                 .observe(conn.opened.elapsed().as_secs_f64());
             for (name, token, covered) in live {
-                conn.activate(&name, token, None, covered);
+                conn.activate(&name, token, None, covered, ctx);
             }
         }));
     }
 
-    fn subscribe(&mut self, id: u32, name: String, since: Option<StreamPosition>, ctx: &mut Ctx) {
+    fn subscribe(
+        &mut self,
+        id: u32,
+        name: String,
+        since: Option<StreamPosition>,
+        token: Option<String>,
+        ctx: &mut Ctx,
+    ) {
+        if let Some(token) = token
+            && self.needs_channel_token(&name)
+        {
+            return self.authorize_then_subscribe(id, name, since, token, ctx);
+        }
+        self.subscribe_authorized(id, name, since, ctx);
+    }
+
+    /// `subscribe` once any channel token has been checked.
+    pub(crate) fn subscribe_authorized(
+        &mut self,
+        id: u32,
+        name: String,
+        since: Option<StreamPosition>,
+        ctx: &mut Ctx,
+    ) {
         if !self.begin_inflight(id) {
             return;
         }
@@ -296,14 +277,14 @@ impl Connection {
                 return self.reply_error(id, &error);
             }
         };
-        ctx.spawn(wait.into_actor(self).map(move |outcome, conn, _| {
+        ctx.spawn(wait.into_actor(self).map(move |outcome, conn, ctx| {
             conn.inflight -= 1;
             match outcome {
                 Ok((token, subscribed)) => {
                     let reply = (id != 0).then(|| {
                         encode_frame(&outbound::reply_ok(id, subscribed.result), conn.encoding)
                     });
-                    if !conn.activate(&name, token, reply, subscribed.covered) && id != 0 {
+                    if !conn.activate(&name, token, reply, subscribed.covered, ctx) && id != 0 {
                         conn.reply_error(
                             id,
                             &ErrorBody::new(
@@ -339,6 +320,14 @@ impl Connection {
             return Err(ErrorBody::new(
                 ErrorCode::LIMIT_EXCEEDED,
                 "too many subscriptions on this connection",
+            ));
+        }
+        if !self.app.hub.has_channel(&channel)
+            && self.app.hub.channel_count() >= self.app.config.gateway.max_channels
+        {
+            return Err(ErrorBody::new(
+                ErrorCode::LIMIT_EXCEEDED,
+                "this node holds as many channels as it may",
             ));
         }
         let ready = self
@@ -385,6 +374,7 @@ impl Connection {
         token: u64,
         reply: Option<crate::outbound::Frame>,
         covered: u64,
+        ctx: &mut Ctx,
     ) -> bool {
         let Some(slot) = self.subscriptions.get_mut(name) else {
             return false;
@@ -397,7 +387,10 @@ impl Connection {
             return false;
         };
         match self.app.hub.activate(&channel, self.id, reply, covered) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.joined(&channel, ctx);
+                true
+            }
             Err(_) => {
                 self.subscriptions.remove(name);
                 false
@@ -416,9 +409,12 @@ impl Connection {
         }
     }
 
-    fn unsubscribe(&mut self, id: u32, name: &str) {
-        if self.subscriptions.remove(name).is_some() {
+    fn unsubscribe(&mut self, id: u32, name: &str, ctx: &mut Ctx) {
+        if let Some(slot) = self.subscriptions.remove(name) {
             self.app.hub.remove(name, self.id);
+            if slot.live {
+                self.left(name, ctx);
+            }
         }
         self.reply_ok(id, Out::Map(Vec::new()));
     }
@@ -441,7 +437,7 @@ impl Connection {
         let info = PubInfo {
             user: self.user().to_owned(),
             client: self.client_id.clone(),
-            info: None,
+            info: self.identity.info.clone(),
         };
         let trace = current_context();
         let sent = self.app.broadcast.publish_data(

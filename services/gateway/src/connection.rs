@@ -27,9 +27,9 @@ static PROTOCOL_ERRORS: RateLimitedLog = RateLimitedLog::new(5_000);
 pub enum Phase {
     /// Waiting for the first command, which must be `connect`.
     AwaitingConnect,
-    Connected {
-        user: String,
-    },
+    /// `connect` is being checked by the session service.
+    Authenticating,
+    Connected,
     /// A close is on its way; further input is ignored.
     Closing,
 }
@@ -40,6 +40,22 @@ pub enum Phase {
 pub struct SubSlot {
     pub token: u64,
     pub live: bool,
+}
+
+/// Who the client is, once `connect` succeeded.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    /// `""` for an anonymous client.
+    pub user: String,
+    /// Raw MessagePack of the token's `info` claim.
+    pub info: Option<bytes::Bytes>,
+    pub session: String,
+    /// The token's `exp` (seconds since the Unix epoch); 0: never.
+    pub expires_at: u64,
+    /// Private channels the token's `channels` claim opens.
+    pub channels: HashSet<String>,
+    /// Private channels opened by channel tokens, with their expiry (0: never).
+    pub grants: HashMap<String, u64>,
 }
 
 pub struct Connection {
@@ -56,6 +72,13 @@ pub struct Connection {
     pub(crate) rpcs_running: HashSet<String>,
     pub(crate) rpc_seq: u64,
     pub(crate) opened: Instant,
+    pub(crate) identity: Identity,
+    /// The timer that closes with 4003 when the token expires.
+    pub(crate) expiry: Option<SpawnHandle>,
+    /// A subscription-list report to the session service is scheduled.
+    pub(crate) subs_report_scheduled: bool,
+    /// Admission refused this socket: tell it when to come back, then close.
+    refused_retry_after_ms: Option<u64>,
     last_seen: Instant,
     /// A fragmented message being reassembled: its kind and bytes so far.
     continuation: Option<(FrameKind, BytesMut)>,
@@ -73,6 +96,13 @@ pub struct Disconnect {
 }
 
 impl Connection {
+    /// A connection that admission control refused: it only says 4007.
+    pub fn refused(app: Arc<AppState>, encoding: Encoding, retry_after_ms: u64) -> Self {
+        let mut connection = Self::new(app, encoding);
+        connection.refused_retry_after_ms = Some(retry_after_ms);
+        connection
+    }
+
     pub fn new(app: Arc<AppState>, encoding: Encoding) -> Self {
         let id = app.next_conn_id();
         let config = &app.config.gateway;
@@ -95,6 +125,10 @@ impl Connection {
             rpcs_running: HashSet::new(),
             rpc_seq: 0,
             opened: now,
+            identity: Identity::default(),
+            expiry: None,
+            subs_report_scheduled: false,
+            refused_retry_after_ms: None,
             last_seen: now,
             continuation: None,
             close_code: None,
@@ -205,6 +239,17 @@ impl Actor for Connection {
         self.app.metrics.connections.inc();
         self.app.metrics.connections_opened.inc();
         ctx.add_stream(OutboundStream(self.outbound.clone()));
+        if let Some(retry_after_ms) = self.refused_retry_after_ms {
+            self.app.metrics.admission_refused.inc();
+            self.send(&outbound::push_disconnect(
+                CloseCode::OVERLOADED.0,
+                "overloaded",
+                true,
+                Some(retry_after_ms),
+            ));
+            self.close_after_drain(CloseCode::OVERLOADED, "overloaded");
+            return;
+        }
         let config = &self.app.config.gateway;
         ctx.run_later(
             Duration::from_millis(config.connect_timeout_ms),
@@ -224,14 +269,11 @@ impl Actor for Connection {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         self.cancel_open_rpcs();
-        for channel in self.subscriptions.keys() {
-            self.app.hub.remove(channel, self.id);
-        }
-        self.subscriptions.clear();
-        self.outbound.shut();
-        self.app.connections.remove(self.id);
-        self.app.metrics.connections.dec();
         let code = self.close_code.unwrap_or(CloseCode::NORMAL.0);
+        self.leave_everything(code);
+        self.outbound.shut();
+        self.app.connections.remove(self.id, &self.identity.user);
+        self.app.metrics.connections.dec();
         self.app
             .metrics
             .connections_closed
@@ -288,7 +330,7 @@ impl StreamHandler<Outgoing> for Connection {
                 self.phase = Phase::Closing;
                 ctx.close(Some(ws::CloseReason {
                     code: ws::CloseCode::Other(code.0),
-                    description: Some(reason),
+                    description: Some(close_reason(reason)),
                 }));
                 ctx.stop();
             }
@@ -314,5 +356,32 @@ impl Handler<Disconnect> for Connection {
             msg.retry_after_ms,
         ));
         self.close_after_drain(msg.code, msg.reason);
+    }
+}
+
+/// A close frame's payload is at most 125 bytes, two of them the code: a
+/// longer reason (an error message) is cut at a character boundary.
+fn close_reason(mut reason: String) -> String {
+    const MAX: usize = 123;
+    if reason.len() > MAX {
+        let mut end = MAX;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    reason
+}
+
+#[cfg(test)]
+mod tests {
+    use super::close_reason;
+
+    #[test]
+    fn close_reasons_fit_a_control_frame() {
+        assert_eq!(close_reason("short".into()), "short");
+        let long = "é".repeat(100);
+        let cut = close_reason(long);
+        assert!(cut.len() <= 123 && cut.chars().all(|c| c == 'é'), "{cut}");
     }
 }

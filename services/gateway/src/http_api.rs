@@ -1,5 +1,6 @@
 //! The HTTP API for backend services: `/api/publish`, `/api/broadcast`,
-//! `/api/history/{channel}` (PROTOCOL.md §5).
+//! `/api/history/{channel}`, `/api/presence/{channel}`, `/api/disconnect`
+//! (PROTOCOL.md §5).
 //!
 //! The API key is checked before the route, so a wrong key on an unknown
 //! `/api/` path is 401, not 404. Bodies are JSON, or MessagePack with
@@ -35,6 +36,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/publish", web::post().to(publish))
             .route("/broadcast", web::post().to(broadcast))
             .route("/history/{channel}", web::get().to(history))
+            .route("/presence/{channel}", web::get().to(presence))
+            .route("/disconnect", web::post().to(disconnect))
             .default_service(web::to(unknown_route)),
     );
 }
@@ -400,6 +403,85 @@ async fn history_inner(req: &HttpRequest, name: &str, state: &AppState) -> Resul
         ("offset", Out::UInt(reply.offset)),
         ("epoch", Out::str(reply.epoch)),
     ]))
+}
+
+async fn presence(req: HttpRequest, path: web::Path<String>, state: State) -> HttpResponse {
+    match presence_inner(&req, &path, &state)
+        .instrument(request_span(&req, "presence"))
+        .await
+    {
+        Ok(out) => respond(&req, StatusCode::OK, &out),
+        Err(error) => fail(&req, &state, &error),
+    }
+}
+
+async fn presence_inner(req: &HttpRequest, name: &str, state: &AppState) -> Result<Out, ApiError> {
+    authorize(req, state)?;
+    let channel = channel(state, name)?;
+    if !state
+        .config
+        .namespace(&channel)
+        .is_some_and(|ns| ns.presence)
+    {
+        return Err(ApiError::new(
+            ErrorCode::NOT_AVAILABLE,
+            "presence is not enabled in this namespace",
+        ));
+    }
+    let trace = current_context();
+    let reply = state
+        .session
+        .presence(channel.as_str(), trace.as_ref())
+        .map_err(|e| ApiError::from_body(bus_error(&e)))?
+        .wait()
+        .await
+        .map_err(|e| ApiError::from_body(bus_error(&e)))?;
+    Ok(outbound::presence(&reply))
+}
+
+async fn disconnect(req: HttpRequest, payload: web::Payload, state: State) -> HttpResponse {
+    match disconnect_inner(&req, payload, &state)
+        .instrument(request_span(&req, "disconnect"))
+        .await
+    {
+        Ok(out) => respond(&req, StatusCode::OK, &out),
+        Err(error) => fail(&req, &state, &error),
+    }
+}
+
+/// Closes every connection of `user` on every gateway with 4008. With
+/// `revoke: true` (an extension) the user's tokens issued until now are
+/// refused from then on, so the kicked clients cannot simply come back.
+async fn disconnect_inner(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<Out, ApiError> {
+    authorize(req, state)?;
+    let body = read_body(payload, state.config.gateway.max_message_size).await?;
+    let fields = decode_body(req, &body)?;
+    let user = str_field(&fields, "user")?.ok_or_else(|| ApiError::bad("user is required"))?;
+    if user.is_empty() {
+        return Err(ApiError::bad("user must not be empty"));
+    }
+    let revoke = match field(&fields, "revoke") {
+        None | Some(Value::Nil) => false,
+        Some(Value::Boolean(b)) => *b,
+        Some(_) => return Err(ApiError::bad("revoke must be a boolean")),
+    };
+    if revoke {
+        let trace = current_context();
+        let now_secs = rt_shared::telemetry::now_ms() / 1000;
+        state
+            .session
+            .revoke(&user, now_secs, trace.as_ref())
+            .map_err(|e| ApiError::from_body(bus_error(&e)))?
+            .wait()
+            .await
+            .map_err(|e| ApiError::from_body(bus_error(&e)))?;
+    }
+    crate::node::kick(&state.bus, &user).map_err(|e| ApiError::from_body(bus_error(&e)))?;
+    Ok(Out::Map(Vec::new()))
 }
 
 async fn unknown_route(req: HttpRequest, state: State) -> HttpResponse {

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use bytestring::ByteString;
 use futures_util::StreamExt as _;
 use rt_proto::internal::Publication;
+use rt_proto::session::{self, PresenceChange};
 use rt_proto::{ChannelName, CloseCode, Encoding, outbound, subject};
 use rt_shared::Bus;
 use rt_shared::telemetry::{RateLimitedLog, add_link, now_ms};
@@ -127,6 +128,17 @@ impl Hub {
         let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(channel);
         let index = usize::try_from(hash % SHARDS as u64).unwrap_or(0);
         self.shards.get(index).and_then(|m| m.lock().ok())
+    }
+
+    /// Whether this node already holds a subscription for `channel`.
+    pub fn has_channel(&self, channel: &ChannelName) -> bool {
+        self.shard(channel.as_str())
+            .is_some_and(|shard| shard.contains_key(channel.as_str()))
+    }
+
+    /// Channels this node holds subscriptions for.
+    pub fn channel_count(&self) -> usize {
+        usize::try_from(self.metrics.channels.get()).unwrap_or(0)
     }
 
     /// Registers a pending subscriber. The returned receiver resolves once this
@@ -296,6 +308,59 @@ impl Hub {
     }
 }
 
+impl Hub {
+    /// Hands a batch of joins and leaves to every live local subscriber, as
+    /// one frame per subscriber (encoded once per encoding).
+    fn fan_out_presence(&self, channel: &ChannelName, generation: u64, change: &PresenceChange) {
+        let Some(mut shard) = self.shard(channel.as_str()) else {
+            return;
+        };
+        let Some(entry) = shard.get_mut(channel.as_str()) else {
+            return;
+        };
+        if entry.generation != generation {
+            return;
+        }
+        let messages: Vec<outbound::Out> = change
+            .joins
+            .iter()
+            .map(|c| outbound::push_presence(true, channel.as_str(), c))
+            .chain(
+                change
+                    .leaves
+                    .iter()
+                    .map(|c| outbound::push_presence(false, channel.as_str(), c)),
+            )
+            .collect();
+        if messages.is_empty() {
+            return;
+        }
+        let mut frames: [Option<Frame>; 2] = [None, None];
+        for sub in entry.subscribers.values_mut() {
+            if !matches!(sub.state, SubState::Live) {
+                continue;
+            }
+            let frame = frames[sub.encoding.index()]
+                .get_or_insert_with(|| encode_batch(&messages, sub.encoding))
+                .clone();
+            if sub.outbound.push(frame) == Push::Overflowed {
+                self.metrics.slow_consumers.inc();
+            }
+        }
+    }
+}
+
+/// Several messages as one frame (MessagePack maps back to back, JSON lines).
+fn encode_batch(messages: &[outbound::Out], encoding: Encoding) -> Frame {
+    let bytes = outbound::encode_many(messages, encoding);
+    match encoding {
+        Encoding::MsgPack => Frame::Binary(bytes.into()),
+        Encoding::Json => Frame::Text(ByteString::from(
+            String::from_utf8(bytes).unwrap_or_default(),
+        )),
+    }
+}
+
 /// Holds this node's NATS subscription for one channel until told to stop.
 async fn run_relay(
     hub: Arc<Hub>,
@@ -327,6 +392,17 @@ async fn run_relay(
             _ = &mut stop => break,
             message = subscription.next() => {
                 let Some(message) = message else { break };
+                if is_presence_event(&message) {
+                    match rt_proto::internal::from_msgpack::<PresenceChange>(&message.payload) {
+                        Ok(change) => hub.fan_out_presence(&channel, generation, &change),
+                        Err(error) => {
+                            if let Some(suppressed) = RELAY_ERRORS.allow() {
+                                tracing::error!(%channel, %error, suppressed, "undecodable presence change");
+                            }
+                        }
+                    }
+                    continue;
+                }
                 match rt_proto::internal::from_msgpack::<Publication>(&message.payload) {
                     Ok(publication) => {
                         // One span per fan-out, linked to the publication's trace.
@@ -345,4 +421,12 @@ async fn run_relay(
             }
         }
     }
+}
+
+fn is_presence_event(message: &async_nats::Message) -> bool {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(session::EVENT_HEADER))
+        .is_some_and(|v| v.as_str() == session::EVENT_PRESENCE)
 }

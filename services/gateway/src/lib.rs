@@ -5,18 +5,27 @@
 //! - [`hub`] is the channel registry and local fan-out (one NATS subscription
 //!   per channel per node, each publication encoded once per encoding).
 //! - [`outbound`] is each connection's byte-bounded queue.
+//! - [`identity`]: `connect` through the session service, token expiry and
+//!   `refresh`, private channels, presence; [`admission`]: the token bucket
+//!   on new connections.
+//! - [`presence`]: this node's share of presence and its join/leave batches;
+//!   [`node`]: heartbeat, flushes, session events and kicks.
 //! - [`http_api`] serves `/api/*` for backend services.
 //!
 //! [`run`] starts it inside the current actix system: one actix worker per
 //! core (configurable) and a runtime-lag probe on each.
 
+pub mod admission;
 pub mod commands;
 pub mod connection;
 pub mod errors;
 pub mod http_api;
 pub mod hub;
+pub mod identity;
 pub mod metrics;
+pub mod node;
 pub mod outbound;
+pub mod presence;
 pub mod rpc;
 pub mod state;
 pub mod ws_route;
@@ -36,12 +45,16 @@ use rt_shared::{Bus, BusError, lag};
 use crate::connection::Disconnect;
 use crate::hub::Hub;
 use crate::metrics::GatewayMetrics;
+use crate::node::NodeTasks;
 use crate::state::AppState;
+use rt_shared::kv::Buckets;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error("invalid gateway.node_name {0:?}: use 1 to 64 of A-Z a-z 0-9 - _")]
+    NodeName(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -54,6 +67,7 @@ pub struct GatewayHandle {
     addr: SocketAddr,
     server: actix_web::dev::ServerHandle,
     app: Arc<AppState>,
+    tasks: NodeTasks,
 }
 
 impl GatewayHandle {
@@ -84,12 +98,20 @@ impl GatewayHandle {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tracing::info!(remaining = self.app.connections.len(), "drained");
+        self.tasks.stop().await;
         self.server.stop(true).await;
     }
 
-    /// Stops at once, without telling clients.
+    /// Stops at once, without telling clients or the cluster (as a crash
+    /// would, short of the process dying).
     pub async fn stop(self) {
+        self.tasks.abort().await;
         self.server.stop(false).await;
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.app.node
     }
 }
 
@@ -108,8 +130,12 @@ pub async fn run(config: Config) -> Result<GatewayHandle, GatewayError> {
     let bus_for_flush = bus.clone();
     let node = match config.gateway.node_name.as_str() {
         "" => format!("gw-{:06x}", fastrand::u32(..0x100_0000)),
-        name => name.to_owned(),
+        name if rt_proto::session::valid_node_name(name) => name.to_owned(),
+        name => {
+            return Err(GatewayError::NodeName(name.to_owned()));
+        }
     };
+
     let hub = Hub::new(
         bus.clone(),
         metrics.clone(),
@@ -171,11 +197,21 @@ pub async fn run(config: Config) -> Result<GatewayHandle, GatewayError> {
     actix_rt::spawn(server);
     // Health is served from here on; ready once NATS is up.
     bus_for_flush.flush().await?;
+    match Buckets::open(&bus_for_flush).await {
+        Ok(buckets) => {
+            let _ = app.buckets.set(buckets);
+        }
+        Err(error) => {
+            tracing::warn!(%error, "no NATS KV: presence is unavailable on this node");
+        }
+    }
+    let tasks = node::start(app.clone()).await?;
     health.set_warmed();
     tracing::info!(%addr, node, workers, nats = %config.nats.url, "gateway ready");
     Ok(GatewayHandle {
         addr,
         server: handle,
         app,
+        tasks,
     })
 }

@@ -35,6 +35,19 @@ pub struct GatewayMetrics {
     pub delivery_gaps: Counter,
     /// Shared by every connection's outbound queue.
     pub outbound_bytes: Gauge,
+    pub admission_refused: Counter,
+    pub presence_events: Counter,
+    pub presence_dropped: Counter,
+    pub presence_writes: Family<ResultLabel, Counter>,
+    pub session_events_dropped: Counter,
+    pub kicked: Counter,
+    pub token_expired: Counter,
+}
+
+/// Label `result`: `ok` or `error`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
 }
 
 impl GatewayMetrics {
@@ -56,6 +69,13 @@ impl GatewayMetrics {
             rpc_latency: latency_histogram(),
             delivery_gaps: Counter::default(),
             outbound_bytes: Gauge::default(),
+            admission_refused: Counter::default(),
+            presence_events: Counter::default(),
+            presence_dropped: Counter::default(),
+            presence_writes: Family::default(),
+            session_events_dropped: Counter::default(),
+            kicked: Counter::default(),
+            token_expired: Counter::default(),
         };
         registry.register(
             "rt_gateway_connections",
@@ -136,6 +156,41 @@ impl GatewayMetrics {
             "rt_gateway_outbound_buffered_bytes",
             "Bytes queued towards clients across all connections",
             m.outbound_bytes.clone(),
+        );
+        registry.register(
+            "rt_gateway_admission_refused",
+            "New connections refused by admission control (closed with 4007)",
+            m.admission_refused.clone(),
+        );
+        registry.register(
+            "rt_gateway_presence_events",
+            "Join and leave events this node sent",
+            m.presence_events.clone(),
+        );
+        registry.register(
+            "rt_gateway_presence_dropped",
+            "Join/leave batches shed because the NATS lane was full",
+            m.presence_dropped.clone(),
+        );
+        registry.register(
+            "rt_gateway_presence_writes",
+            "Presence slices written to NATS KV, by result",
+            m.presence_writes.clone(),
+        );
+        registry.register(
+            "rt_gateway_session_events_dropped",
+            "Session events (subscription lists, closes) dropped on overflow",
+            m.session_events_dropped.clone(),
+        );
+        registry.register(
+            "rt_gateway_kicked",
+            "Connections closed by /api/disconnect (4008)",
+            m.kicked.clone(),
+        );
+        registry.register(
+            "rt_gateway_token_expired",
+            "Connections closed because their token expired (4003)",
+            m.token_expired.clone(),
         );
         m
     }

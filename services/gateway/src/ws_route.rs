@@ -31,7 +31,14 @@ pub async fn ws_route(
         Err(error) => return Ok(HttpResponse::BadRequest().body(error.to_string())),
     };
     let encoding = negotiated.unwrap_or(Encoding::Json);
-    let connection = Connection::new(state.get_ref().clone(), encoding);
+    // Refused sockets are still upgraded: a browser cannot read an HTTP
+    // error's body, but it can read a close code and a `disconnect` push.
+    let connection = match state.admission.admit(std::time::Instant::now()) {
+        Ok(()) => Connection::new(state.get_ref().clone(), encoding),
+        Err(retry_after_ms) => {
+            Connection::refused(state.get_ref().clone(), encoding, retry_after_ms)
+        }
+    };
     let chosen = negotiated.map(Encoding::subprotocol);
     let protocols: Vec<&str> = chosen.into_iter().collect();
     let builder = ws::WsResponseBuilder::new(connection, &req, stream)

@@ -9,8 +9,10 @@
 mod delivery;
 mod http_api;
 mod lifecycle;
+mod presence;
 mod protocol;
 mod rpc;
+mod session;
 
 use std::time::Duration;
 
