@@ -412,3 +412,196 @@ async fn clients_survive_a_session_service_restart_and_sessions_still_resume() {
     assert_eq!(resumed["resumed"], json!(true), "{resumed}");
     assert!(resumed["subs"]["chat:restart"].is_object(), "{resumed}");
 }
+
+/// A key pair from the session crate's test fixtures.
+fn fixture(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../services/session/tests/fixtures")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn signed(algorithm: jsonwebtoken::Algorithm, private_pem: &str, claims: &Value) -> String {
+    let key = match algorithm {
+        jsonwebtoken::Algorithm::RS256 => {
+            jsonwebtoken::EncodingKey::from_rsa_pem(private_pem.as_bytes())
+        }
+        _ => jsonwebtoken::EncodingKey::from_ec_pem(private_pem.as_bytes()),
+    }
+    .expect("fixture key");
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(algorithm), claims, &key).expect("sign")
+}
+
+#[actix_rt::test]
+async fn rs256_and_es256_tokens_verify_and_algorithm_confusion_is_refused() {
+    let rsa_public = fixture("rsa_public.pem");
+    let rsa = TestCluster::start_with(1, |c| {
+        c.session.jwt_public_key_pem = rsa_public.clone();
+    })
+    .await;
+    let claims = json!({"sub": "rita", "exp": now_secs() + 60});
+    let good = signed(
+        jsonwebtoken::Algorithm::RS256,
+        &fixture("rsa_private.pem"),
+        &claims,
+    );
+    let (_, ok) =
+        WsClient::connected_with(&rsa.ws_url(0), WsEncoding::Json, json!({ "token": good })).await;
+    assert_eq!(ok["user"], json!("rita"));
+    let other_key = signed(
+        jsonwebtoken::Algorithm::RS256,
+        &fixture("rsa_other_private.pem"),
+        &claims,
+    );
+    assert_eq!(
+        refused_connect(&rsa, json!({ "token": other_key })).await,
+        (101, 4002),
+        "signed by another RSA key"
+    );
+    // HS256 "signed" with the public key as the secret: the classic confusion.
+    let confused = tokens::sign(&claims, rsa_public.as_bytes());
+    assert_eq!(
+        refused_connect(&rsa, json!({ "token": confused })).await,
+        (101, 4002),
+        "HS256 with the RSA public key as secret"
+    );
+    let es = signed(
+        jsonwebtoken::Algorithm::ES256,
+        &fixture("ec_private.pem"),
+        &claims,
+    );
+    assert_eq!(
+        refused_connect(&rsa, json!({ "token": es })).await,
+        (101, 4002),
+        "ES256 where only an RSA key is configured"
+    );
+
+    let ec = TestCluster::start_with(1, |c| {
+        c.session.jwt_public_key_pem = fixture("ec_public.pem");
+        c.session.jwt_hmac_secret = rt_shared::config::Secret::default();
+    })
+    .await;
+    let es = signed(
+        jsonwebtoken::Algorithm::ES256,
+        &fixture("ec_private.pem"),
+        &claims,
+    );
+    let (_, ok) =
+        WsClient::connected_with(&ec.ws_url(0), WsEncoding::Json, json!({ "token": es })).await;
+    assert_eq!(ok["user"], json!("rita"));
+    assert_eq!(
+        refused_connect(&ec, json!({ "token": tokens::token("rita") })).await,
+        (101, 4002),
+        "HS256 where no secret is configured"
+    );
+}
+
+#[actix_rt::test]
+async fn a_full_session_queue_sheds_with_113_and_a_retry_hint() {
+    let cluster = TestCluster::start_with(1, |c| c.session.queue_capacity = 1).await;
+    let url = cluster.ws_url(0);
+    let attempts = (0..60).map(|i| {
+        let url = url.clone();
+        async move {
+            let mut client = WsClient::open(&url, WsEncoding::Json).await;
+            let token = tokens::token(&format!("crowd{i}"));
+            client.command("connect", json!({ "token": token })).await
+        }
+    });
+    let replies = futures_util::future::join_all(attempts).await;
+    let shed: Vec<&Value> = replies
+        .iter()
+        .filter(|r| r["error"]["code"] == json!(113))
+        .collect();
+    assert!(!shed.is_empty(), "60 connects at once against a queue of 1");
+    for reply in &shed {
+        assert_eq!(reply["error"]["temporary"], json!(true));
+        assert!(
+            reply["error"]["retry_after_ms"].as_u64().is_some(),
+            "{reply}"
+        );
+    }
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.get("ok").is_some() || r["error"]["code"] == json!(113)),
+        "only successes and sheds: {replies:?}"
+    );
+}
+
+#[actix_rt::test]
+async fn two_session_instances_share_limits_sessions_and_revocations() {
+    let mut cluster = TestCluster::start_with(2, |c| c.session.max_connections_per_user = 3).await;
+    cluster.add_session().await;
+    // Connects spread over both instances; the limit holds across them.
+    let mut held = Vec::new();
+    for gateway in [0, 1, 0] {
+        held.push(cluster.client_as(gateway, WsEncoding::Json, "sam").await);
+    }
+    for gateway in [0, 1] {
+        let mut c = WsClient::open(&cluster.ws_url(gateway), WsEncoding::Json).await;
+        let reply = c
+            .command("connect", json!({"token": tokens::token("sam")}))
+            .await;
+        assert_eq!(code(&reply), 106, "gateway {gateway}");
+    }
+    // A revocation handled by one instance is applied by the other.
+    let res = rt_tests::http::post_json(
+        cluster.addr(1),
+        "/api/disconnect",
+        Some(API_KEY),
+        &json!({"user": "tess", "revoke": true}),
+    )
+    .await;
+    assert_eq!(res.status, 200);
+    let old = tokens::token_with(json!({"sub": "tess", "iat": now_secs() - 10}));
+    for _ in 0..6 {
+        assert_eq!(
+            refused_connect(&cluster, json!({ "token": old })).await,
+            (101, 4002)
+        );
+    }
+}
+
+#[actix_rt::test]
+async fn a_new_session_instance_warms_sessions_from_the_database_before_it_is_ready() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}/session.db", dir.path().display());
+    let mut cluster = TestCluster::start_with(1, |c| c.session.database_url = url.clone()).await;
+    let token = tokens::token("uma");
+    let (mut c, ok) = WsClient::connected_with(
+        &cluster.ws_url(0),
+        WsEncoding::Json,
+        json!({ "token": token }),
+    )
+    .await;
+    c.command("subscribe", json!({"channel": "chat:warm"}))
+        .await;
+    c.close().await;
+    let session = ok["session"].as_str().expect("session").to_owned();
+    // The close reaches the session service, which writes it behind.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for instance in cluster.sessions.drain(..) {
+        instance.stop().await;
+    }
+    // NATS loses the session (as a NATS without its old file store would).
+    let js = async_nats::jetstream::new(cluster.nats_client().await);
+    let sessions = js
+        .get_key_value(rt_proto::session::SESSIONS_BUCKET)
+        .await
+        .expect("sessions bucket");
+    sessions.purge(&session).await.expect("purge");
+    assert!(sessions.get(&session).await.expect("get").is_none());
+
+    cluster.add_session().await;
+    let metrics = rt_tests::http::get(cluster.sessions[0].ops_addr(), "/readyz", &[]).await;
+    assert_eq!(metrics.status, 200, "ready only after warming");
+    assert!(
+        sessions.get(&session).await.expect("get").is_some(),
+        "back in KV"
+    );
+    let args = json!({"token": token, "session": session});
+    let (_, resumed) = WsClient::connected_with(&cluster.ws_url(0), WsEncoding::Json, args).await;
+    assert_eq!(resumed["resumed"], json!(true), "{resumed}");
+    assert!(resumed["subs"]["chat:warm"].is_object(), "{resumed}");
+}
