@@ -6,6 +6,7 @@
     reason = "test code: a failed expectation is a failed test"
 )]
 
+mod database;
 mod delivery;
 mod http_api;
 mod lifecycle;
