@@ -255,6 +255,8 @@ pub struct SessionConfig {
     pub node_ttl_ms: u64,
     /// Channels with more present clients than this answer `presence` with a count.
     pub presence_max_list: usize,
+    /// Connection audit rows older than this are deleted (0: kept forever).
+    pub audit_retention_days: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -383,6 +385,7 @@ impl Default for SessionConfig {
             warm_sessions: 10_000,
             node_ttl_ms: 10_000,
             presence_max_list: 1_000,
+            audit_retention_days: 30,
         }
     }
 }

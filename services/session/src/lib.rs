@@ -142,6 +142,7 @@ pub async fn run(config: Config) -> Result<SessionHandle, SessionError> {
     // Connection limits need to know which nodes live before answering.
     let _ = tokio::time::timeout(Duration::from_secs(5), nodes_ready).await;
     background.push(actix_rt::spawn(reap_dead_nodes(core.clone())));
+    background.push(actix_rt::spawn(prune_database(core.clone())));
 
     let mut subscriptions = Vec::new();
     for subject in [
@@ -274,5 +275,36 @@ async fn release_stale_lock(core: &Core, lock: &str, now: u64) {
         && taken_at + core.config.session.node_ttl_ms < now
     {
         let _ = core.buckets.nodes.delete(lock).await;
+    }
+}
+
+/// Sessions that can no longer resume and audit rows past their retention
+/// leave the database, so its tables stay bounded. Every instance does it;
+/// the deletes are idempotent.
+async fn prune_database(core: Arc<Core>) {
+    const EVERY: Duration = Duration::from_secs(600);
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = now_ms();
+        // The KV record lives a day at most; past that nothing resumes.
+        let session_horizon = (core.config.session.resume_ttl_secs * 1000).max(24 * 3600 * 1000);
+        if let Err(error) = core
+            .store
+            .prune_sessions(now.saturating_sub(session_horizon))
+            .await
+        {
+            tracing::warn!(%error, "cannot prune old sessions");
+        }
+        let days = core.config.session.audit_retention_days;
+        if days > 0
+            && let Err(error) = core
+                .store
+                .prune_audit(now.saturating_sub(days * 24 * 3600 * 1000))
+                .await
+        {
+            tracing::warn!(%error, "cannot prune the connection audit");
+        }
     }
 }

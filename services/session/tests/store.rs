@@ -370,14 +370,18 @@ async fn an_idle_writer_writes_at_once() {
             ..db.config()
         };
         let (store, _) = db.open(&config).await;
-        store.audit(audit("lone", AuditEvent::Connect, None));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while db.scalar("SELECT COUNT(*) FROM connections").await < 1 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "not written within 5 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // The first write ever, then one after the writer has gone idle again
+        // (its last batch started less than the interval ago).
+        for (n, client) in [(1, "first"), (2, "second")] {
+            store.audit(audit(client, AuditEvent::Connect, None));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while db.scalar("SELECT COUNT(*) FROM connections").await < n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{client} not written within 5 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     })
     .await;

@@ -605,3 +605,51 @@ async fn a_new_session_instance_warms_sessions_from_the_database_before_it_is_re
     assert_eq!(resumed["resumed"], json!(true), "{resumed}");
     assert!(resumed["subs"]["chat:warm"].is_object(), "{resumed}");
 }
+
+#[actix_rt::test]
+async fn a_gateway_holds_at_most_max_channels_and_verified_tokens_are_cached() {
+    let cluster = TestCluster::start_with(1, |c| c.gateway.max_channels = 2).await;
+    let token = tokens::token("vera");
+    let mut c = cluster.client_as(0, WsEncoding::Json, "vera").await;
+    for channel in ["chat:c1", "chat:c2"] {
+        assert!(c.command("subscribe", json!({ "channel": channel })).await["ok"].is_object());
+    }
+    let mut other = cluster.client(0, WsEncoding::Json).await;
+    assert_eq!(
+        code(
+            &other
+                .command("subscribe", json!({"channel": "chat:c3"}))
+                .await
+        ),
+        106,
+        "a third channel on this node"
+    );
+    assert!(
+        other
+            .command("subscribe", json!({"channel": "chat:c1"}))
+            .await["ok"]
+            .is_object(),
+        "channels the node already holds are fine"
+    );
+
+    for _ in 0..3 {
+        WsClient::connected_with(
+            &cluster.ws_url(0),
+            WsEncoding::Json,
+            json!({ "token": token }),
+        )
+        .await;
+    }
+    let metrics = rt_tests::http::get(cluster.sessions[0].ops_addr(), "/metrics", &[])
+        .await
+        .text();
+    let hits: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("rt_cache_hits_total{cache=\"token\"}"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        hits >= 3.0,
+        "the same token verified once, then cached:\n{metrics}"
+    );
+}

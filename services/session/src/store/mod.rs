@@ -8,7 +8,7 @@
 //! database directly, but see the writes still queued or in flight first,
 //! so a session saved a moment ago is found.
 //!
-//! - [`buffer`]: the bounded queue, coalescing and the drop policy when full.
+//! - `buffer`: the bounded queue, coalescing and the drop policy when full.
 //! - `writer`: batching, retries with backoff, shutdown.
 //! - `db`: the two drivers behind one enum, and the SQL.
 //! - [`metrics`]: what the store exports (`rt_session_db_*`).
