@@ -58,36 +58,80 @@ impl Connection {
         let sent = self.app.session.authenticate(&request, trace.as_ref());
         self.phase = Phase::Authenticating;
         let anonymous = args.token.is_none();
-        let reply = async move { sent?.wait().await };
-        let reply = tracing::Instrument::instrument(reply, tracing::Span::current());
-        ctx.spawn(reply.into_actor(self).map(move |result, conn, ctx| {
-            if conn.phase != Phase::Authenticating {
-                return;
-            }
-            conn.phase = Phase::AwaitingConnect;
-            match result {
-                Ok(reply) => conn.connected(id, reply, args.subs, ctx),
-                // Without a session service anonymous clients still get in,
-                // with a session that cannot be resumed: degrade, not refuse.
-                Err(BusError::NoResponders) if anonymous => {
-                    if let Some(suppressed) = DEGRADED.allow() {
-                        tracing::warn!(suppressed, "no session service answers: anonymous connect without a resumable session");
-                    }
-                    let reply = AuthReply {
-                        user: String::new(),
-                        info: None,
-                        expires_at: 0,
-                        channels: Vec::new(),
-                        session: conn.client_id.clone(),
-                        resumed: false,
-                        restore: Vec::new(),
-                        grants: Vec::new(),
-                    };
-                    conn.connected(id, reply, args.subs, ctx);
+        // The answer travels back as a message rather than a future of this
+        // actor: if the socket is gone by then, the message's guard still
+        // tells the session service, or the user's connection count would
+        // keep a connection that never was.
+        let addr = ctx.address();
+        let app = self.app.clone();
+        let client = self.client_id.clone();
+        let subs = args.subs;
+        let wait = async move {
+            let result = match sent {
+                Ok(pending) => pending.wait().await,
+                Err(error) => Err(error),
+            };
+            let release = result.as_ref().ok().map(|reply| ReleaseIfUnused {
+                app,
+                session: reply.session.clone(),
+                user: reply.user.clone(),
+                client,
+            });
+            addr.do_send(Authenticated {
+                id,
+                result,
+                subs,
+                anonymous,
+                release,
+            });
+        };
+        actix_rt::spawn(tracing::Instrument::instrument(
+            wait,
+            tracing::Span::current(),
+        ));
+    }
+
+    fn authenticated(&mut self, done: Authenticated, ctx: &mut Ctx) {
+        let Authenticated {
+            id,
+            result,
+            subs,
+            anonymous,
+            mut release,
+        } = done;
+        if self.phase != Phase::Authenticating {
+            // Closing already: `release` reports the session as closed.
+            return;
+        }
+        if let Some(release) = release.as_mut() {
+            release.session.clear();
+        }
+        self.phase = Phase::AwaitingConnect;
+        match result {
+            Ok(reply) => self.connected(id, reply, subs, ctx),
+            // Without a session service anonymous clients still get in,
+            // with a session that cannot be resumed: degrade, not refuse.
+            Err(BusError::NoResponders) if anonymous => {
+                if let Some(suppressed) = DEGRADED.allow() {
+                    tracing::warn!(
+                        suppressed,
+                        "no session service answers: anonymous connect without a resumable session"
+                    );
                 }
-                Err(error) => conn.refuse_connect(id, &bus_error(&error)),
+                let reply = AuthReply {
+                    user: String::new(),
+                    info: None,
+                    expires_at: 0,
+                    channels: Vec::new(),
+                    session: self.client_id.clone(),
+                    resumed: false,
+                    restore: Vec::new(),
+                    grants: Vec::new(),
+                };
+                self.connected(id, reply, subs, ctx);
             }
-        }));
+            Err(error) => self.refuse_connect(id, &bus_error(&error)),
+        }
     }
 
     fn connected(
@@ -387,6 +431,55 @@ impl Connection {
                 at_ms: now_ms(),
             };
             self.report(event);
+        }
+    }
+}
+
+/// The session service's answer to a `connect`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Authenticated {
+    id: u32,
+    result: Result<AuthReply, BusError>,
+    subs: Vec<(String, SubRequest)>,
+    anonymous: bool,
+    release: Option<ReleaseIfUnused>,
+}
+
+impl Handler<Authenticated> for Connection {
+    type Result = ();
+
+    fn handle(&mut self, done: Authenticated, ctx: &mut Self::Context) {
+        self.authenticated(done, ctx);
+    }
+}
+
+/// A session the service opened for a socket that is gone before it could
+/// use it: unless disarmed (by clearing `session`), dropping it reports the
+/// session closed, which releases the user's connection slot.
+struct ReleaseIfUnused {
+    app: std::sync::Arc<crate::state::AppState>,
+    session: String,
+    user: String,
+    client: String,
+}
+
+impl Drop for ReleaseIfUnused {
+    fn drop(&mut self) {
+        if self.session.is_empty() {
+            return;
+        }
+        let event = SessionEvent::Closed {
+            session: std::mem::take(&mut self.session),
+            client: std::mem::take(&mut self.client),
+            user: std::mem::take(&mut self.user),
+            code: 1006,
+            subs: Vec::new(),
+            at_ms: now_ms(),
+        };
+        let dropped = self.app.reporter.report(event);
+        if dropped > 0 {
+            self.app.metrics.session_events_dropped.inc_by(dropped);
         }
     }
 }

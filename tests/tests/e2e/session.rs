@@ -653,3 +653,28 @@ async fn a_gateway_holds_at_most_max_channels_and_verified_tokens_are_cached() {
         "the same token verified once, then cached:\n{metrics}"
     );
 }
+
+#[actix_rt::test]
+async fn sockets_that_leave_during_connect_do_not_keep_connection_slots() {
+    let cluster = TestCluster::start_with(1, |c| c.session.max_connections_per_user = 2).await;
+    for _ in 0..6 {
+        let mut c = WsClient::open(&cluster.ws_url(0), WsEncoding::Json).await;
+        c.send(&json!({"id": 1, "op": "connect", "token": tokens::token("wade")}))
+            .await;
+        // Gone before the answer (most of the time): no slot may stay taken.
+        drop(c);
+    }
+    eventually("both slots free again", STEP, || async {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut c = WsClient::open(&cluster.ws_url(0), WsEncoding::Json).await;
+            let reply = c
+                .command("connect", json!({"token": tokens::token("wade")}))
+                .await;
+            reply.get("ok")?;
+            held.push(c);
+        }
+        Some(())
+    })
+    .await;
+}
