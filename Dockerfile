@@ -6,6 +6,13 @@
 #   docker run --rm -p 8080:8080 -e RT_NATS_URL=nats://HOST:4222 realtime rt-gateway
 #   docker run --rm -p 8081:8081 -e RT_NATS_URL=nats://HOST:4222 realtime rt-broadcast
 #   docker run --rm -p 8082:8082 -e RT_NATS_URL=nats://HOST:4222 realtime rt-compute
+#   docker run --rm -p 8083:8083 -e RT_NATS_URL=nats://HOST:4222 \
+#       -e RT_SESSION__DATABASE_URL=postgres://realtime@HOST/realtime -e PGPASSWORD=… \
+#       -e RT_SESSION__JWT_HMAC_SECRET=… realtime rt-session
+#
+# rt-session without RT_SESSION__DATABASE_URL uses SQLite in /var/lib/realtime
+# (mount a volume there to keep it: -v realtime-session:/var/lib/realtime); one
+# instance only, since every instance would have its own file.
 #
 # Needs BuildKit (cache mounts, the heredoc below): the default builder of
 # Docker 23+ and of `docker compose`. docker-compose.yml and k8s/ use this image;
@@ -24,8 +31,10 @@ FROM ${RUST_IMAGE} AS builder
 # The binaries to build and ship: each word is a workspace package whose binary
 # has the same name. Adding a service is one word here (and its listen address
 # in container.toml below); scripts/validate-deploy fails if a name is not a
-# workspace binary. `--build-arg SERVICES=rt-gateway` builds a smaller image.
-ARG SERVICES="rt-gateway rt-broadcast rt-compute"
+# workspace binary, does not listen on 0.0.0.0 at an EXPOSEd port by
+# container.toml, or is not run by docker-compose.yml and k8s/base.
+# `--build-arg SERVICES=rt-gateway` builds a smaller image.
+ARG SERVICES="rt-gateway rt-broadcast rt-compute rt-session"
 
 WORKDIR /src
 COPY . .
@@ -52,17 +61,21 @@ FROM ${RUNTIME_IMAGE} AS runtime
 # the service and reaps zombies; a bare process as PID 1 ignores SIGTERM until
 # it installs its own handler.
 # uid/gid 10001: fixed and numeric, so Kubernetes' runAsNonRoot can check it.
+# /var/lib/realtime: the one directory the user may write, for rt-session's
+# embedded SQLite default (a named volume mounted there inherits the owner).
 RUN set -eux; \
     apt-get update; \
     apt-get install -y --no-install-recommends ca-certificates tini; \
     rm -rf /var/lib/apt/lists/*; \
     groupadd --system --gid 10001 realtime; \
     useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent \
-        --no-create-home --shell /usr/sbin/nologin realtime
+        --no-create-home --shell /usr/sbin/nologin realtime; \
+    install -d -o 10001 -g 10001 -m 0750 /var/lib/realtime
 
 COPY --from=builder /out/ /usr/local/bin/
-# The repository's example configuration (dev.toml: the namespaces chat: and
-# news:), for `RT_CONFIG=/etc/realtime/dev.toml`.
+# The repository's example configuration (dev.toml: namespaces such as chat:
+# and news:, and a dev-only JWT secret: never use it beyond your machine), for
+# `RT_CONFIG=/etc/realtime/dev.toml`.
 COPY config/ /etc/realtime/
 
 # Image defaults: listen on every interface (the built-in defaults are
@@ -85,12 +98,19 @@ http_addr = "0.0.0.0:8081"
 
 [compute]
 http_addr = "0.0.0.0:8082"
+
+# The built-in default (sqlite://rt-session.db) is relative to /, which the
+# service user cannot write. compose and Kubernetes use PostgreSQL instead.
+[session]
+http_addr = "0.0.0.0:8083"
+database_url = "sqlite:///var/lib/realtime/session.db"
 EOF
 ENV RT_CONFIG=/etc/realtime/container.toml
 
 USER 10001:10001
-# 8080 rt-gateway (WebSocket, HTTP API, health, metrics); 8081 rt-broadcast and
-# 8082 rt-compute (health and metrics only).
-EXPOSE 8080 8081 8082
+# 8080 rt-gateway (WebSocket, HTTP API, health, metrics); 8081 rt-broadcast,
+# 8082 rt-compute and 8083 rt-session (health and metrics only: their requests
+# arrive over NATS).
+EXPOSE 8080 8081 8082 8083
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["rt-gateway"]
