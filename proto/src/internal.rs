@@ -93,6 +93,45 @@ pub struct RecoverReply {
     pub pubs: Vec<Publication>,
 }
 
+/// A broadcast instance's heartbeat on `rt.bc.members`: who it is and which
+/// partitions it owns. Instances use it to spread partitions evenly; the
+/// leases in NATS KV, not this, decide ownership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BroadcastMember {
+    pub id: String,
+    pub partitions: Vec<u32>,
+    pub at_ms: u64,
+    /// The instance is shutting down: do not count it when sharing out partitions.
+    #[serde(default)]
+    pub leaving: bool,
+}
+
+/// The value of a partition lease, key `p<partition>` in the KV bucket
+/// `rt_broadcast_leases`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionLease {
+    pub owner: String,
+    pub at_ms: u64,
+}
+
+/// Headers of a publication stored in the JetStream history record (the body
+/// is the MessagePack [`Publication`], byte for byte what is delivered).
+pub mod record {
+    /// The publication's offset (decimal).
+    pub const OFFSET: &str = "Rt-Offset";
+    /// The publication's epoch.
+    pub const EPOCH: &str = "Rt-Epoch";
+    /// Which sequencer wrote it: `<instance>/<load id>` (a resync adopts only its own writes).
+    pub const WRITER: &str = "Rt-Writer";
+    /// The idempotency key it was published with, `%`-escaped (`%25`, and `%XX` for control characters).
+    pub const KEY: &str = "Rt-Key";
+    /// JetStream's own deduplication id: `<channel>/<epoch>/<offset>/<attempt>`,
+    /// so two writers cannot both store one offset within the duplicate window.
+    pub const MSG_ID: &str = "Nats-Msg-Id";
+    /// JetStream's optimistic concurrency check on the channel's subject.
+    pub const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+}
+
 /// An error as it crosses NATS.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireError {
@@ -207,6 +246,16 @@ mod tests {
             offset: 1,
             epoch: "e".into(),
         }));
+        round_trip(BroadcastMember {
+            id: "b1".into(),
+            partitions: vec![0, 5],
+            at_ms: 1,
+            leaving: false,
+        });
+        round_trip(PartitionLease {
+            owner: "b1".into(),
+            at_ms: 2,
+        });
         round_trip(BusResult::<PublishAck>::Err {
             error: WireError::new(ErrorCode::BAD_REQUEST, "nope"),
         });

@@ -1,11 +1,18 @@
 //! The typed client other services use to reach the broadcast service.
+//!
+//! Requests go to the partition-addressed subjects
+//! (`rt.bc.p.<partition>.<op>.<channel>`, [`subject::broadcast_request`]),
+//! which only the broadcast instance owning the channel's partition
+//! subscribes to: with several instances each request reaches the one
+//! sequencer of its channel directly, and while a partition moves between
+//! instances the caller gets "no responders" (113, retry) at once.
 
 use rt_proto::ChannelName;
 use rt_proto::internal::{
     HistoryReply, HistoryRequest, PubInfo, PublishAck, PublishRequest, RecoverReply,
     RecoverRequest, StreamPosition,
 };
-use rt_proto::subject;
+use rt_proto::subject::{self, BroadcastOp};
 
 use crate::bus::{Bus, BusError, PendingReply};
 use crate::trace_context::TraceContext;
@@ -50,7 +57,11 @@ impl BroadcastClient {
         request: &PublishRequest,
         trace: Option<&TraceContext>,
     ) -> Result<Pending<PublishAck>, BusError> {
-        self.send(subject::internal_publish(channel), request, trace)
+        self.send(
+            subject::broadcast_request(BroadcastOp::Publish, channel),
+            request,
+            trace,
+        )
     }
 
     /// Convenience for [`BroadcastClient::publish`].
@@ -79,7 +90,11 @@ impl BroadcastClient {
         request: &HistoryRequest,
         trace: Option<&TraceContext>,
     ) -> Result<Pending<HistoryReply>, BusError> {
-        self.send(subject::history(channel), request, trace)
+        self.send(
+            subject::broadcast_request(BroadcastOp::History, channel),
+            request,
+            trace,
+        )
     }
 
     /// The channel's position and, with `since`, what was missed.
@@ -89,7 +104,11 @@ impl BroadcastClient {
         since: Option<StreamPosition>,
         trace: Option<&TraceContext>,
     ) -> Result<Pending<RecoverReply>, BusError> {
-        self.send(subject::recover(channel), &RecoverRequest { since }, trace)
+        self.send(
+            subject::broadcast_request(BroadcastOp::Recover, channel),
+            &RecoverRequest { since },
+            trace,
+        )
     }
 
     fn send<Req: serde::Serialize, T>(

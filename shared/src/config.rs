@@ -103,7 +103,7 @@ pub struct LogConfig {
 /// OpenTelemetry export. Unset values fall back to the standard `OTEL_*`
 /// variables (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_EXPORTER_OTLP_ENDPOINT`,
 /// `OTEL_TRACES_SAMPLER_ARG`, `OTEL_SERVICE_NAME`), then to the defaults.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
     /// Export spans over OTLP/HTTP. Off by default: trace context still
@@ -115,6 +115,9 @@ pub struct TelemetryConfig {
     pub sampling_ratio: Option<f64>,
     /// `service.name` of the spans; default the binary's name.
     pub service_name: Option<String>,
+    /// How often each service publishes its key figures on `sys:stats`
+    /// (when the `sys` namespace is configured); 0 turns it off.
+    pub stats_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -141,6 +144,12 @@ pub struct GatewayConfig {
     pub ping_interval_ms: u64,
     /// Per-connection outbound bound in bytes; past it the namespace's slow-consumer policy applies.
     pub outbound_buffer_bytes: usize,
+    /// Queued bytes past which a connection conflates its subscriptions in
+    /// `auto` namespaces; 0: half of `outbound_buffer_bytes`.
+    pub auto_conflate_threshold_bytes: usize,
+    /// Queued bytes under which such a connection delivers everything again;
+    /// 0: a quarter of the threshold.
+    pub auto_conflate_low_water_bytes: usize,
     /// Largest frame the writer coalesces queued messages into.
     pub max_batch_bytes: usize,
     /// Whether clients may connect without a token (user "").
@@ -175,6 +184,8 @@ pub struct GatewayConfig {
     /// Join/leave events of one channel collected this long before they go
     /// out as one message (only while events keep coming; an isolated one goes at once).
     pub presence_batch_ms: u64,
+    /// Serve the demo app (chat and ops dashboard) at `/`.
+    pub demo: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -192,9 +203,45 @@ pub struct BroadcastConfig {
     pub shard_mailbox: usize,
     /// How long an idempotency key returns its first publish's position.
     pub idempotency_window_secs: u64,
-    /// A channel with no history and no activity for this long is forgotten
-    /// (its next publication starts a new epoch).
+    /// A channel with no activity for this long is dropped from memory (with
+    /// `history_store = "memory"` only once its history is empty too, and its
+    /// next publication starts a new epoch; with JetStream it is loaded back
+    /// from the record when next used).
     pub channel_idle_secs: u64,
+    /// Where history lives: `jetstream` (the record: survives restarts of
+    /// broadcast, several instances share it) or `memory` (this process only).
+    pub history_store: HistoryStore,
+    /// Replicas of the history streams (1 on a single server; 3 in a JetStream cluster).
+    pub history_replicas: usize,
+    /// How long a history write or read may wait for JetStream.
+    pub history_timeout_ms: u64,
+    /// History writes awaiting JetStream's acknowledgement, per shard; past it
+    /// publishes get 113.
+    pub history_max_inflight: usize,
+    /// JetStream duplicate window of the history streams: how long a second
+    /// writer of the same channel offset is refused (fencing). Capped by the
+    /// namespace's `history_ttl_secs`.
+    pub history_duplicate_window_secs: u64,
+    /// Publications per channel kept in memory in front of the record; older
+    /// ones are read from JetStream when asked for. 0: the namespace's `history_size`.
+    pub memory_window: usize,
+    /// This instance's name in partition leases; empty generates one per
+    /// process. A stable name (e.g. a StatefulSet pod name) lets a restarted
+    /// instance take its partitions back without waiting for the leases to expire.
+    pub instance_id: String,
+    /// Lifetime of a partition lease: when an instance dies, its partitions
+    /// move to the others after this long.
+    pub lease_ttl_ms: u64,
+}
+
+/// Where the broadcast service keeps channel history.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryStore {
+    /// JetStream streams, one per namespace: the history of record.
+    Jetstream,
+    /// Only the broadcast process's memory: lost on restart.
+    Memory,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -285,6 +332,13 @@ pub struct NamespaceConfig {
 pub enum SlowConsumerPolicy {
     /// Drop the client's queue and close with 4004; it reconnects and recovers.
     Disconnect,
+    /// Keep only the newest queued publication of the channel for that
+    /// client until it drains (its offsets jump); never close for it.
+    Conflate,
+    /// Deliver everything while the connection keeps up; conflate once its
+    /// queue passes `gateway.auto_conflate_threshold_bytes`, until it drains
+    /// under `gateway.auto_conflate_low_water_bytes`.
+    Auto,
 }
 
 impl Default for NatsConfig {
@@ -317,6 +371,8 @@ impl Default for GatewayConfig {
             connect_timeout_ms: 10_000,
             ping_interval_ms: 25_000,
             outbound_buffer_bytes: 1024 * 1024,
+            auto_conflate_threshold_bytes: 0,
+            auto_conflate_low_water_bytes: 0,
             max_batch_bytes: 16 * 1024,
             allow_anonymous: true,
             rpc_timeout_ms: 10_000,
@@ -333,6 +389,19 @@ impl Default for GatewayConfig {
             max_channels: 100_000,
             heartbeat_ms: 2_000,
             presence_batch_ms: 50,
+            demo: true,
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_enabled: false,
+            otlp_endpoint: None,
+            sampling_ratio: None,
+            service_name: None,
+            stats_interval_ms: 1_000,
         }
     }
 }
@@ -347,6 +416,14 @@ impl Default for BroadcastConfig {
             shard_mailbox: 16_384,
             idempotency_window_secs: 300,
             channel_idle_secs: 3_600,
+            history_store: HistoryStore::Jetstream,
+            history_replicas: 1,
+            history_timeout_ms: 5_000,
+            history_max_inflight: 4_096,
+            history_duplicate_window_secs: 120,
+            memory_window: 0,
+            instance_id: String::new(),
+            lease_ttl_ms: 5_000,
         }
     }
 }
@@ -499,6 +576,22 @@ impl Config {
                 "must be > 0 and not above outbound_buffer_bytes",
             ));
         }
+        if g.auto_conflate_threshold_bytes >= g.outbound_buffer_bytes {
+            return Err(invalid(
+                "gateway.auto_conflate_threshold_bytes",
+                "must be below outbound_buffer_bytes (0: half of it)",
+            ));
+        }
+        let threshold = match g.auto_conflate_threshold_bytes {
+            0 => g.outbound_buffer_bytes / 2,
+            n => n,
+        };
+        if g.auto_conflate_low_water_bytes >= threshold {
+            return Err(invalid(
+                "gateway.auto_conflate_low_water_bytes",
+                "must be below auto_conflate_threshold_bytes (0: a quarter of it)",
+            ));
+        }
         for (key, value) in [
             ("gateway.connect_timeout_ms", g.connect_timeout_ms),
             ("gateway.ping_interval_ms", g.ping_interval_ms),
@@ -529,6 +622,13 @@ impl Config {
                 "must be an http:// or https:// URL",
             ));
         }
+        let stats = self.telemetry.stats_interval_ms;
+        if stats > 0 && stats < 100 {
+            return Err(invalid(
+                "telemetry.stats_interval_ms",
+                "must be 0 (off) or at least 100",
+            ));
+        }
         if g.rpc_timeout_ms == 0 {
             return Err(invalid("gateway.rpc_timeout_ms", "must be > 0"));
         }
@@ -550,6 +650,37 @@ impl Config {
         }
         if self.broadcast.shard_mailbox == 0 {
             return Err(invalid("broadcast.shard_mailbox", "must be > 0"));
+        }
+        let b = &self.broadcast;
+        for (key, value) in [
+            ("broadcast.history_replicas", b.history_replicas as u64),
+            ("broadcast.history_timeout_ms", b.history_timeout_ms),
+            (
+                "broadcast.history_max_inflight",
+                b.history_max_inflight as u64,
+            ),
+            (
+                "broadcast.history_duplicate_window_secs",
+                b.history_duplicate_window_secs,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be > 0"));
+            }
+        }
+        if b.lease_ttl_ms < 500 {
+            return Err(invalid("broadcast.lease_ttl_ms", "must be at least 500"));
+        }
+        if !b
+            .instance_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            || b.instance_id.len() > 64
+        {
+            return Err(invalid(
+                "broadcast.instance_id",
+                "0-64 characters of A-Z a-z 0-9 - _",
+            ));
         }
         if g.heartbeat_ms == 0 {
             return Err(invalid("gateway.heartbeat_ms", "must be > 0"));
@@ -731,11 +862,85 @@ mod tests {
     }
 
     #[test]
+    fn slow_consumer_policies_and_auto_conflation_marks() {
+        let config = Config::load(
+            None,
+            &vars(&[
+                ("RT_NAMESPACES__LOSSY__SLOW_CONSUMER", "conflate"),
+                ("RT_NAMESPACES__MIXED__SLOW_CONSUMER", "auto"),
+                ("RT_GATEWAY__AUTO_CONFLATE_THRESHOLD_BYTES", "600000"),
+                ("RT_GATEWAY__AUTO_CONFLATE_LOW_WATER_BYTES", "100000"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(
+            config.namespaces["lossy"].slow_consumer,
+            SlowConsumerPolicy::Conflate
+        );
+        assert_eq!(
+            config.namespaces["mixed"].slow_consumer,
+            SlowConsumerPolicy::Auto
+        );
+        let err = Config::load(
+            None,
+            &vars(&[("RT_GATEWAY__AUTO_CONFLATE_THRESHOLD_BYTES", "1048576")]),
+        )
+        .expect_err("threshold at the bound");
+        assert!(
+            err.to_string()
+                .contains("gateway.auto_conflate_threshold_bytes"),
+            "{err}"
+        );
+        let err = Config::load(
+            None,
+            &vars(&[("RT_GATEWAY__AUTO_CONFLATE_LOW_WATER_BYTES", "524288")]),
+        )
+        .expect_err("low water at the default threshold");
+        assert!(
+            err.to_string()
+                .contains("gateway.auto_conflate_low_water_bytes"),
+            "{err}"
+        );
+        let err = Config::load(None, &vars(&[("RT_NAMESPACES__X__SLOW_CONSUMER", "drop")]))
+            .expect_err("unknown policy");
+        assert!(err.to_string().contains("drop"), "{err}");
+    }
+
+    #[test]
+    fn history_store_and_lease_settings() {
+        let config = Config::load(
+            None,
+            &vars(&[
+                ("RT_BROADCAST__HISTORY_STORE", "memory"),
+                ("RT_BROADCAST__INSTANCE_ID", "broadcast-0"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(config.broadcast.history_store, HistoryStore::Memory);
+        assert_eq!(config.broadcast.instance_id, "broadcast-0");
+        assert_eq!(
+            Config::default().broadcast.history_store,
+            HistoryStore::Jetstream
+        );
+        let err = Config::load(None, &vars(&[("RT_BROADCAST__HISTORY_STORE", "disk")]))
+            .expect_err("unknown store");
+        assert!(err.to_string().contains("disk"), "{err}");
+        let err = Config::load(None, &vars(&[("RT_BROADCAST__INSTANCE_ID", "a b")]))
+            .expect_err("bad instance id");
+        assert!(err.to_string().contains("broadcast.instance_id"), "{err}");
+        let err = Config::load(None, &vars(&[("RT_BROADCAST__LEASE_TTL_MS", "100")]))
+            .expect_err("lease too short");
+        assert!(err.to_string().contains("broadcast.lease_ttl_ms"), "{err}");
+    }
+
+    #[test]
     fn the_dev_config_in_the_repo_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/dev.toml");
         let config = Config::load(Some(&path), &[]).expect("config/dev.toml is valid");
         assert!(config.namespaces.contains_key("chat"));
         assert!(!config.namespaces["news"].client_publish);
+        let sys = &config.namespaces[crate::stats::NAMESPACE];
+        assert!(sys.private && !sys.allow_anonymous && !sys.client_publish);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`cache`]: a bounded in-memory cache whose entries expire, with hit/miss counters.
 //! - [`kv`]: the NATS KV buckets holding state every node must see.
+//! - [`stats`]: each service's key figures, published every second on `sys:stats`.
 //! - [`shutdown`]: SIGTERM/SIGINT as a future; [`service`]: the `main` every binary shares.
 
 pub mod broadcast_client;
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod service;
 pub mod session_client;
 pub mod shutdown;
+pub mod stats;
 pub mod telemetry;
 pub mod trace_context;
 

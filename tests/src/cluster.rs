@@ -76,6 +76,20 @@ pub fn test_config(nats_url: &str) -> Config {
         ..Default::default()
     };
     config.namespaces.insert("priv".into(), private);
+    // "sys:stats": the services' figures, for operator tokens only. Published
+    // only by tests that turn it on (`telemetry.stats_interval_ms`), so the
+    // others count metrics and spans without it.
+    let sys = rt_shared::config::NamespaceConfig {
+        history_size: 60,
+        private: true,
+        allow_anonymous: false,
+        client_publish: false,
+        ..Default::default()
+    };
+    config
+        .namespaces
+        .insert(rt_shared::stats::NAMESPACE.into(), sys);
+    config.telemetry.stats_interval_ms = 0;
     config
 }
 
@@ -155,6 +169,16 @@ impl TestCluster {
         let gateway = rt_gateway::run(self.config.clone())
             .await
             .expect("gateway starts");
+        self.gateways.push(gateway);
+        self.gateways.len() - 1
+    }
+
+    /// Starts a gateway listening on `addr` (a restart on the address of one stopped
+    /// before, as a crashed process coming back would); returns its index.
+    pub async fn gateway_on(&mut self, addr: SocketAddr) -> usize {
+        let mut config = self.config.clone();
+        config.gateway.http_addr = addr.to_string();
+        let gateway = rt_gateway::run(config).await.expect("gateway starts");
         self.gateways.push(gateway);
         self.gateways.len() - 1
     }

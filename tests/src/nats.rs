@@ -86,6 +86,53 @@ impl NatsServer {
         }
     }
 
+    /// Kills the server abruptly (SIGKILL), keeping its JetStream store.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port with the same JetStream store
+    /// (killing it first if it still runs): what a restarted node looks like
+    /// to its clients, which reconnect by themselves.
+    pub fn restart(&mut self) {
+        self.kill();
+        let binary = find_binary();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The old process's port may take a moment to be free again.
+        loop {
+            let mut child = Command::new(&binary)
+                .args([
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-js",
+                    "-sd",
+                ])
+                .arg(self._dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+            if wait_for_port(self.port, Duration::from_secs(5)) {
+                std::thread::sleep(Duration::from_millis(50));
+                if matches!(child.try_wait(), Ok(None)) {
+                    self.child = child;
+                    return;
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not restart on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }

@@ -95,6 +95,69 @@ impl WsClient {
         }
     }
 
+    /// Opens a socket whose kernel receive buffer is about `recv_buffer`
+    /// bytes and completes an anonymous `connect`: once it stops reading, the
+    /// server's queue for it fills after little data, as a slow consumer's
+    /// on a real network would.
+    pub async fn connected_with_recv_buffer(
+        url: &str,
+        encoding: WsEncoding,
+        recv_buffer: u32,
+    ) -> Self {
+        let mut request = url.into_client_request().expect("a WebSocket URL");
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            encoding
+                .subprotocol()
+                .parse()
+                .expect("a valid header value"),
+        );
+        let host = request
+            .uri()
+            .authority()
+            .expect("a host")
+            .as_str()
+            .to_owned();
+        let addr = tokio::net::lookup_host(host)
+            .await
+            .expect("resolve")
+            .next()
+            .expect("an address");
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .expect("a socket");
+        socket.set_recv_buffer_size(recv_buffer).expect("SO_RCVBUF");
+        let stream = within("TCP connect", STEP, socket.connect(addr))
+            .await
+            .expect("TCP connect");
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(64 << 20))
+            .max_frame_size(Some(64 << 20));
+        let (ws, _) = within(
+            "websocket handshake",
+            STEP,
+            tokio_tungstenite::client_async_with_config(
+                request,
+                MaybeTlsStream::Plain(stream),
+                Some(config),
+            ),
+        )
+        .await
+        .expect("websocket handshake");
+        let mut client = Self {
+            ws,
+            encoding,
+            next_id: 1,
+            inbox: VecDeque::new(),
+        };
+        let reply = client.command("connect", json!({})).await;
+        assert!(reply.get("ok").is_some(), "connect failed: {reply}");
+        client
+    }
+
     /// Opens a socket and completes an anonymous `connect`.
     pub async fn connected(url: &str, encoding: WsEncoding) -> Self {
         let mut client = Self::open(url, encoding).await;

@@ -1,9 +1,17 @@
-//! One channel's sequencing state and hot history window.
+//! One channel's committed position and hot history window.
 //!
-//! Pure data, no I/O: the shard actor owns a map of these. Offsets are
-//! consecutive within an epoch; the epoch is chosen when the state is created
-//! (the history before it is gone), so a client holding a position from
-//! another epoch learns it cannot be recovered.
+//! Pure data, no I/O: a shard owns one of these per channel it has in memory.
+//! It holds what has been *committed* (stored in the record, when there is
+//! one, and delivered): the epoch, the last offset, the newest publications
+//! (the hot window) and the idempotency keys of the last minutes.
+//!
+//! The window sits in front of the JetStream record. Offsets at or below
+//! [`ChannelState::floor`] may be in the record without being in memory (a
+//! channel loaded after a restart, or a window smaller than the namespace's
+//! history); a read that needs them is answered in two steps: the shard reads
+//! the record ([`Read::Record`]), then completes the answer here with
+//! [`ChannelState::pubs_after`] or [`ChannelState::newest`], which check that
+//! the result has no hole.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -11,26 +19,44 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rt_proto::ErrorCode;
 use rt_proto::internal::{
-    HistoryReply, PubInfo, Publication, PublishAck, RecoverReply, StreamPosition, WireError,
+    HistoryReply, PubInfo, Publication, RecoverReply, StreamPosition, WireError,
 };
 
 /// Keys remembered per channel for idempotent publish; the oldest go first.
-const MAX_IDEMPOTENCY_KEYS: usize = 10_000;
+pub const MAX_IDEMPOTENCY_KEYS: usize = 10_000;
 
-struct StoredPub {
-    offset: u64,
-    ts: u64,
-    data: Bytes,
-    info: Option<PubInfo>,
-    stored_at: Instant,
+/// A publication in the hot window.
+#[derive(Debug, Clone)]
+pub struct StoredPub {
+    pub offset: u64,
+    /// Its stream sequence in the record (0 without one).
+    pub seq: u64,
+    pub ts: u64,
+    pub data: Bytes,
+    pub info: Option<PubInfo>,
+    pub stored_at: Instant,
 }
 
 /// History limits of the channel's namespace.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Publications kept (the record keeps as many).
     pub size: usize,
     pub ttl: Duration,
     pub idempotency_window: Duration,
+    /// Publications kept in memory (at most `size`).
+    pub memory: usize,
+}
+
+/// Where the publications a read needs are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// All in memory (or nothing to read).
+    Memory,
+    /// Offsets `from..=to` must be read from the record first.
+    Record { from: u64, to: u64 },
+    /// Cannot be served: another epoch, ahead of the stream, or gone.
+    Unservable,
 }
 
 pub struct ChannelState {
@@ -38,181 +64,166 @@ pub struct ChannelState {
     epoch: String,
     offset: u64,
     window: VecDeque<StoredPub>,
+    floor: u64,
     idempotency: HashMap<String, (u64, Instant)>,
     idempotency_order: VecDeque<(String, Instant)>,
     last_activity: Instant,
 }
 
-/// The outcome of sequencing one publication.
-pub struct Sequenced {
-    pub publication: Publication,
-    /// False when an idempotency key matched an earlier publish: nothing new to deliver.
-    pub fresh: bool,
-}
-
 impl ChannelState {
+    /// A channel with no history at all: a new epoch, offset 0.
     pub fn new(name: String, now: Instant) -> Self {
+        Self::restore(name, new_epoch(), 0, 0, now)
+    }
+
+    /// A channel whose position comes from the record: publications at or
+    /// below `floor` may be read from it.
+    pub fn restore(name: String, epoch: String, offset: u64, floor: u64, now: Instant) -> Self {
         Self {
             name,
-            epoch: new_epoch(),
-            offset: 0,
+            epoch,
+            offset,
             window: VecDeque::new(),
+            floor: floor.min(offset),
             idempotency: HashMap::new(),
             idempotency_order: VecDeque::new(),
             last_activity: now,
         }
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn epoch(&self) -> &str {
         &self.epoch
     }
 
+    /// The last committed offset: what clients are told.
     pub fn offset(&self) -> u64 {
         self.offset
+    }
+
+    pub fn floor(&self) -> u64 {
+        self.floor
     }
 
     pub fn last_activity(&self) -> Instant {
         self.last_activity
     }
 
+    pub fn touch(&mut self, now: Instant) {
+        self.last_activity = now;
+    }
+
     pub fn is_history_empty(&self) -> bool {
         self.window.is_empty()
     }
 
-    /// Assigns the next offset and stores the publication in the window.
-    pub fn sequence(
-        &mut self,
+    /// The offset an idempotency key was committed at, while it is remembered.
+    pub fn key(&self, key: &str) -> Option<u64> {
+        self.idempotency.get(key).map(|&(offset, _)| offset)
+    }
+
+    /// Builds the next publication (committed offset + `ahead` + 1): the
+    /// shard stores it, then [`ChannelState::commit`]s it.
+    pub fn next_publication(
+        &self,
+        ahead: u64,
         data: Bytes,
         info: Option<PubInfo>,
-        idempotency_key: Option<String>,
         ts: u64,
-        now: Instant,
-        limits: Limits,
-    ) -> Sequenced {
-        self.last_activity = now;
-        self.expire(now, limits);
-        if let Some(key) = &idempotency_key
-            && let Some(&(offset, _)) = self.idempotency.get(key)
-        {
-            return Sequenced {
-                publication: self.ack_only(offset, ts),
-                fresh: false,
-            };
-        }
-        self.offset += 1;
-        let publication = Publication {
+    ) -> Publication {
+        Publication {
             channel: self.name.clone(),
-            offset: self.offset,
+            offset: self.offset + ahead + 1,
             epoch: self.epoch.clone(),
             ts,
             data,
             info,
-        };
-        if limits.size > 0 && !limits.ttl.is_zero() {
-            self.window.push_back(StoredPub {
-                offset: self.offset,
-                ts,
+        }
+    }
+
+    /// Records a stored publication as the channel's newest (its offset must
+    /// be the next one), in the window and with its idempotency key.
+    pub fn commit(
+        &mut self,
+        publication: &Publication,
+        seq: u64,
+        key: Option<String>,
+        now: Instant,
+        limits: Limits,
+    ) {
+        self.last_activity = now;
+        self.offset = publication.offset;
+        self.push_window(
+            StoredPub {
+                offset: publication.offset,
+                seq,
+                ts: publication.ts,
                 data: publication.data.clone(),
                 info: publication.info.clone(),
                 stored_at: now,
-            });
-            while self.window.len() > limits.size {
-                self.window.pop_front();
-            }
-        }
-        if let Some(key) = idempotency_key {
-            self.remember_key(key, now);
-        }
-        Sequenced {
-            publication,
-            fresh: true,
+            },
+            limits,
+        );
+        if let Some(key) = key {
+            self.remember_key(key, publication.offset, now, limits);
         }
     }
 
-    /// The ack for a publication (also for a repeated idempotency key).
-    pub fn ack(publication: &Publication) -> PublishAck {
-        PublishAck {
-            offset: publication.offset,
-            epoch: publication.epoch.clone(),
-        }
-    }
-
-    /// Position, and the publications after `since` when they are all still here.
-    pub fn recover(
+    /// Fills the window and the keys from the record at load time (oldest
+    /// first, consecutive, ending at the channel's offset).
+    pub fn warm(
         &mut self,
-        since: Option<&StreamPosition>,
-        now: Instant,
+        stored: StoredPub,
+        key: Option<String>,
+        stored_at_key: Instant,
         limits: Limits,
-    ) -> RecoverReply {
-        self.expire(now, limits);
-        let mut reply = RecoverReply {
-            offset: self.offset,
-            epoch: self.epoch.clone(),
-            recovered: false,
-            pubs: Vec::new(),
-        };
-        if let Some(since) = since
-            && self.servable(since)
-        {
-            reply.recovered = true;
-            reply.pubs = self.after(since.offset, usize::MAX);
+    ) {
+        let offset = stored.offset;
+        self.push_window(stored, limits);
+        if let Some(key) = key {
+            self.remember_key(key, offset, stored_at_key, limits);
         }
-        reply
     }
 
-    /// A history query; `limit` is already capped by the caller.
-    pub fn history(
-        &mut self,
-        limit: usize,
-        since: Option<&StreamPosition>,
-        reverse: bool,
-        now: Instant,
-        limits: Limits,
-    ) -> Result<HistoryReply, WireError> {
-        self.expire(now, limits);
-        let pubs = match since {
-            Some(since) => {
-                if !self.servable(since) {
-                    return Err(WireError::new(
-                        ErrorCode::UNRECOVERABLE_POSITION,
-                        "position is in another epoch, outside the history window or ahead of the stream",
-                    ));
-                }
-                self.after(since.offset, limit)
+    /// Remembers an idempotency key read from the record at load time.
+    pub fn warm_key(&mut self, key: String, offset: u64, at: Instant, limits: Limits) {
+        self.remember_key(key, offset, at, limits);
+    }
+
+    fn push_window(&mut self, stored: StoredPub, limits: Limits) {
+        if limits.size == 0 || limits.ttl.is_zero() {
+            return;
+        }
+        self.window.push_back(stored);
+        // Past the namespace's size the record drops them too.
+        while self.window.len() > limits.size {
+            self.window.pop_front();
+        }
+        // Past the memory bound they stay in the record only.
+        while self.window.len() > limits.memory.clamp(1, limits.size) {
+            if let Some(front) = self.window.pop_front() {
+                self.floor = self.floor.max(front.offset);
             }
-            None => {
-                let skip = self.window.len().saturating_sub(limit);
-                let mut pubs: Vec<Publication> = self
-                    .window
-                    .iter()
-                    .skip(skip)
-                    .map(|p| self.publication(p))
-                    .collect();
-                if reverse {
-                    pubs.reverse();
-                }
-                pubs
-            }
-        };
-        Ok(HistoryReply {
-            pubs,
-            offset: self.offset,
-            epoch: self.epoch.clone(),
-        })
+        }
     }
 
     /// Drops publications past their TTL and idempotency keys past their window.
     pub fn expire(&mut self, now: Instant, limits: Limits) {
         while let Some(front) = self.window.front() {
-            if now.duration_since(front.stored_at) >= limits.ttl {
+            if now.saturating_duration_since(front.stored_at) >= limits.ttl {
                 self.window.pop_front();
             } else {
                 break;
             }
         }
         while let Some((key, at)) = self.idempotency_order.front() {
-            if now.duration_since(*at) >= limits.idempotency_window {
-                self.idempotency.remove(key);
+            if now.saturating_duration_since(*at) >= limits.idempotency_window {
+                if self.idempotency.get(key).is_some_and(|(_, t)| t == at) {
+                    self.idempotency.remove(key);
+                }
                 self.idempotency_order.pop_front();
             } else {
                 break;
@@ -220,27 +231,116 @@ impl ChannelState {
         }
     }
 
-    /// Whether every publication after `since` can be served.
-    fn servable(&self, since: &StreamPosition) -> bool {
+    /// Where the publications after `since` are.
+    pub fn plan_after(&self, since: &StreamPosition) -> Read {
         if since.epoch != self.epoch || since.offset > self.offset {
-            return false;
+            return Read::Unservable;
         }
         if since.offset == self.offset {
-            return true;
+            return Read::Memory;
         }
-        self.window
-            .front()
-            .is_some_and(|first| first.offset <= since.offset + 1)
+        let first = self.window.front().map_or(self.offset + 1, |p| p.offset);
+        if first <= since.offset + 1 {
+            Read::Memory
+        } else if first - 1 <= self.floor {
+            Read::Record {
+                from: since.offset + 1,
+                to: first - 1,
+            }
+        } else {
+            Read::Unservable
+        }
     }
 
-    fn after(&self, offset: u64, limit: usize) -> Vec<Publication> {
-        let start = self.window.partition_point(|p| p.offset <= offset);
-        self.window
-            .iter()
-            .skip(start)
-            .take(limit)
-            .map(|p| self.publication(p))
-            .collect()
+    /// Where the newest `limit` publications are.
+    pub fn plan_newest(&self, limit: usize) -> Read {
+        let first = self.window.front().map_or(self.offset + 1, |p| p.offset);
+        if self.window.len() >= limit || first <= 1 || first - 1 > self.floor {
+            return Read::Memory;
+        }
+        let missing = (limit - self.window.len()) as u64;
+        Read::Record {
+            from: first.saturating_sub(missing).max(1),
+            to: first - 1,
+        }
+    }
+
+    /// Every publication after `since`, oldest first, from `record` (what
+    /// was read for [`Read::Record`], possibly nothing) then memory; `None`
+    /// when they are not all there (another epoch, a hole, gone).
+    pub fn pubs_after(
+        &self,
+        since: &StreamPosition,
+        record: &[Publication],
+        limit: usize,
+    ) -> Option<Vec<Publication>> {
+        if since.epoch != self.epoch || since.offset > self.offset {
+            return None;
+        }
+        let mut pubs = Vec::new();
+        let mut next = since.offset + 1;
+        for p in record {
+            if p.epoch != self.epoch || p.offset < next {
+                continue;
+            }
+            if p.offset != next {
+                return None;
+            }
+            if pubs.len() >= limit {
+                return Some(pubs);
+            }
+            pubs.push(p.clone());
+            next += 1;
+        }
+        let start = self.window.partition_point(|p| p.offset < next);
+        if next <= self.offset && self.window.get(start).is_none_or(|p| p.offset != next) {
+            return None;
+        }
+        pubs.extend(
+            self.window
+                .iter()
+                .skip(start)
+                .take(limit.saturating_sub(pubs.len()))
+                .map(|p| self.publication(p)),
+        );
+        Some(pubs)
+    }
+
+    /// The newest `limit` publications that form an unbroken run ending at
+    /// the channel's offset, oldest first, from `record` and memory.
+    pub fn newest(&self, limit: usize, record: &[Publication]) -> Vec<Publication> {
+        let mut pubs: Vec<Publication> = self.window.iter().map(|p| self.publication(p)).collect();
+        let mut first = pubs.first().map_or(self.offset + 1, |p| p.offset);
+        let mut older: Vec<Publication> = Vec::new();
+        for p in record.iter().rev() {
+            if p.epoch == self.epoch && p.offset + 1 == first {
+                older.push(p.clone());
+                first = p.offset;
+            }
+        }
+        older.reverse();
+        older.append(&mut pubs);
+        let skip = older.len().saturating_sub(limit);
+        older.split_off(skip)
+    }
+
+    /// The answer to a subscribe-time position query, given what `pubs_after` found.
+    pub fn recover_reply(&self, pubs: Option<Vec<Publication>>) -> RecoverReply {
+        RecoverReply {
+            offset: self.offset,
+            epoch: self.epoch.clone(),
+            recovered: pubs.is_some(),
+            pubs: pubs.unwrap_or_default(),
+        }
+    }
+
+    /// The answer to a history query, given the publications found for it.
+    pub fn history_reply(&self, pubs: Vec<Publication>) -> HistoryReply {
+        HistoryReply {
+            pubs,
+            offset: self.offset,
+            epoch: self.epoch.clone(),
+        }
     }
 
     fn publication(&self, stored: &StoredPub) -> Publication {
@@ -254,29 +354,34 @@ impl ChannelState {
         }
     }
 
-    fn ack_only(&self, offset: u64, ts: u64) -> Publication {
-        Publication {
-            channel: self.name.clone(),
-            offset,
-            epoch: self.epoch.clone(),
-            ts,
-            data: Bytes::new(),
-            info: None,
+    fn remember_key(&mut self, key: String, offset: u64, at: Instant, limits: Limits) {
+        if limits.idempotency_window.is_zero() {
+            return;
         }
-    }
-
-    fn remember_key(&mut self, key: String, now: Instant) {
         if self.idempotency_order.len() >= MAX_IDEMPOTENCY_KEYS
-            && let Some((oldest, _)) = self.idempotency_order.pop_front()
+            && let Some((oldest, oldest_at)) = self.idempotency_order.pop_front()
+            && self
+                .idempotency
+                .get(&oldest)
+                .is_some_and(|(_, t)| *t == oldest_at)
         {
             self.idempotency.remove(&oldest);
         }
-        self.idempotency.insert(key.clone(), (self.offset, now));
-        self.idempotency_order.push_back((key, now));
+        self.idempotency.insert(key.clone(), (offset, at));
+        self.idempotency_order.push_back((key, at));
     }
 }
 
-fn new_epoch() -> String {
+/// The error of a history query whose `since` cannot be served.
+pub fn unservable() -> WireError {
+    WireError::new(
+        ErrorCode::UNRECOVERABLE_POSITION,
+        "position is in another epoch, outside the history window or ahead of the stream",
+    )
+}
+
+/// A fresh epoch: 64 random bits in hex.
+pub fn new_epoch() -> String {
     format!("{:016x}", fastrand::u64(..))
 }
 
@@ -288,12 +393,23 @@ mod tests {
         size: 3,
         ttl: Duration::from_secs(60),
         idempotency_window: Duration::from_secs(300),
+        memory: 3,
     };
 
     fn publish(state: &mut ChannelState, n: u8, now: Instant) -> Publication {
-        state
-            .sequence(Bytes::from(vec![n]), None, None, 0, now, LIMITS)
-            .publication
+        publish_with(state, n, None, now, LIMITS)
+    }
+
+    fn publish_with(
+        state: &mut ChannelState,
+        n: u8,
+        key: Option<&str>,
+        now: Instant,
+        limits: Limits,
+    ) -> Publication {
+        let p = state.next_publication(0, Bytes::from(vec![n]), None, 0);
+        state.commit(&p, 0, key.map(str::to_owned), now, limits);
+        p
     }
 
     fn pos(state: &ChannelState, offset: u64) -> StreamPosition {
@@ -303,6 +419,23 @@ mod tests {
         }
     }
 
+    fn offsets(pubs: &[Publication]) -> Vec<u64> {
+        pubs.iter().map(|p| p.offset).collect()
+    }
+
+    fn record(state: &ChannelState, range: std::ops::RangeInclusive<u64>) -> Vec<Publication> {
+        range
+            .map(|offset| Publication {
+                channel: state.name().to_owned(),
+                offset,
+                epoch: state.epoch().to_owned(),
+                ts: 0,
+                data: Bytes::new(),
+                info: None,
+            })
+            .collect()
+    }
+
     #[test]
     fn offsets_are_consecutive_from_one() {
         let now = Instant::now();
@@ -310,6 +443,11 @@ mod tests {
         assert_eq!(state.offset(), 0);
         let offsets: Vec<u64> = (0..5).map(|n| publish(&mut state, n, now).offset).collect();
         assert_eq!(offsets, vec![1, 2, 3, 4, 5]);
+        let ahead = state.next_publication(2, Bytes::new(), None, 0);
+        assert_eq!(
+            ahead.offset, 8,
+            "offsets are assigned past the writes in flight"
+        );
     }
 
     #[test]
@@ -319,31 +457,90 @@ mod tests {
         for n in 0..5 {
             publish(&mut state, n, now);
         }
-        // Window holds 3, 4, 5.
-        let r = state.recover(Some(&pos(&state, 2)), now, LIMITS);
-        assert!(r.recovered);
+        // Window holds 3, 4, 5; nothing below it is in a record (floor 0 < 2).
+        assert_eq!(state.plan_after(&pos(&state, 2)), Read::Memory);
+        let pubs = state.pubs_after(&pos(&state, 2), &[], usize::MAX);
+        assert_eq!(offsets(&pubs.expect("recovered")), vec![3, 4, 5]);
         assert_eq!(
-            r.pubs.iter().map(|p| p.offset).collect::<Vec<_>>(),
-            vec![3, 4, 5]
+            state.pubs_after(&pos(&state, 5), &[], usize::MAX),
+            Some(vec![])
         );
-        let r = state.recover(Some(&pos(&state, 5)), now, LIMITS);
-        assert!(r.recovered && r.pubs.is_empty());
-        assert!(
-            !state.recover(Some(&pos(&state, 1)), now, LIMITS).recovered,
-            "outside window"
-        );
-        assert!(
-            !state.recover(Some(&pos(&state, 6)), now, LIMITS).recovered,
-            "ahead"
-        );
+        assert_eq!(state.plan_after(&pos(&state, 1)), Read::Unservable);
+        assert_eq!(state.pubs_after(&pos(&state, 1), &[], usize::MAX), None);
+        assert_eq!(state.plan_after(&pos(&state, 6)), Read::Unservable, "ahead");
         let other = StreamPosition {
             offset: 4,
             epoch: "other".into(),
         };
-        let r = state.recover(Some(&other), now, LIMITS);
-        assert!(!r.recovered && r.pubs.is_empty());
-        assert_eq!(r.offset, 5);
-        assert!(!state.recover(None, now, LIMITS).recovered);
+        assert_eq!(state.plan_after(&other), Read::Unservable);
+        let reply = state.recover_reply(None);
+        assert!(!reply.recovered && reply.pubs.is_empty() && reply.offset == 5);
+    }
+
+    #[test]
+    fn below_the_floor_reads_the_record_and_checks_for_holes() {
+        let now = Instant::now();
+        // Loaded from a record whose last publication is 10; nothing in memory yet.
+        let mut state = ChannelState::restore("a".into(), "e".into(), 10, 10, now);
+        assert_eq!(state.plan_after(&pos(&state, 10)), Read::Memory);
+        assert_eq!(
+            state.plan_after(&pos(&state, 7)),
+            Read::Record { from: 8, to: 10 }
+        );
+        let pubs = state.pubs_after(&pos(&state, 7), &record(&state, 5..=10), usize::MAX);
+        assert_eq!(offsets(&pubs.expect("complete")), vec![8, 9, 10]);
+        let mut holed = record(&state, 8..=10);
+        holed.remove(1);
+        assert_eq!(state.pubs_after(&pos(&state, 7), &holed, usize::MAX), None);
+        assert_eq!(
+            state.pubs_after(&pos(&state, 7), &record(&state, 9..=10), usize::MAX),
+            None,
+            "the record lost 8"
+        );
+        // New publications go to memory; the record still serves the older part.
+        publish(&mut state, 11, now);
+        assert_eq!(
+            state.plan_after(&pos(&state, 7)),
+            Read::Record { from: 8, to: 10 }
+        );
+        let pubs = state.pubs_after(&pos(&state, 7), &record(&state, 8..=10), 2);
+        assert_eq!(offsets(&pubs.expect("complete")), vec![8, 9]);
+        let pubs = state.pubs_after(&pos(&state, 7), &record(&state, 8..=10), usize::MAX);
+        assert_eq!(offsets(&pubs.expect("complete")), vec![8, 9, 10, 11]);
+        assert_eq!(
+            state.plan_newest(3),
+            Read::Record { from: 9, to: 10 },
+            "two more from the record"
+        );
+        assert_eq!(
+            offsets(&state.newest(3, &record(&state, 6..=10))),
+            vec![9, 10, 11]
+        );
+        assert_eq!(
+            offsets(&state.newest(3, &record(&state, 6..=9))),
+            vec![11],
+            "a run broken before the window ends at the window"
+        );
+    }
+
+    #[test]
+    fn a_small_memory_window_raises_the_floor() {
+        let now = Instant::now();
+        let limits = Limits {
+            size: 10,
+            memory: 2,
+            ..LIMITS
+        };
+        let mut state = ChannelState::new("a".into(), now);
+        for n in 0..5 {
+            publish_with(&mut state, n, None, now, limits);
+        }
+        assert_eq!(state.floor(), 3);
+        assert_eq!(
+            state.plan_after(&pos(&state, 1)),
+            Read::Record { from: 2, to: 3 }
+        );
+        assert_eq!(state.plan_after(&pos(&state, 3)), Read::Memory);
     }
 
     #[test]
@@ -352,77 +549,53 @@ mod tests {
         let mut state = ChannelState::new("a".into(), now);
         publish(&mut state, 1, now);
         let later = now + Duration::from_secs(61);
-        let r = state.recover(Some(&pos(&state, 0)), later, LIMITS);
-        assert!(!r.recovered, "the only publication expired");
-        assert!(
-            state
-                .recover(Some(&pos(&state, 1)), later, LIMITS)
-                .recovered
+        state.expire(later, LIMITS);
+        assert_eq!(
+            state.plan_after(&pos(&state, 0)),
+            Read::Unservable,
+            "the only publication expired"
         );
+        assert_eq!(state.plan_after(&pos(&state, 1)), Read::Memory);
     }
 
     #[test]
-    fn history_queries() {
+    fn newest_without_a_record() {
         let now = Instant::now();
         let mut state = ChannelState::new("a".into(), now);
         for n in 0..4 {
             publish(&mut state, n, now);
         }
-        let offsets = |r: HistoryReply| r.pubs.iter().map(|p| p.offset).collect::<Vec<_>>();
-        let h = state.history(2, None, false, now, LIMITS).expect("history");
-        assert_eq!(offsets(h), vec![3, 4]);
-        let h = state.history(10, None, true, now, LIMITS).expect("history");
-        assert_eq!(offsets(h), vec![4, 3, 2]);
-        let h = state.history(0, None, false, now, LIMITS).expect("history");
-        assert_eq!((h.offset, h.pubs.len()), (4, 0));
-        let h = state
-            .history(1, Some(&pos(&state, 2)), false, now, LIMITS)
-            .expect("history");
-        assert_eq!(offsets(h), vec![3]);
-        let err = state
-            .history(10, Some(&pos(&state, 0)), false, now, LIMITS)
-            .expect_err("outside");
-        assert_eq!(err.code, ErrorCode::UNRECOVERABLE_POSITION);
-        let err = state
-            .history(10, Some(&pos(&state, 9)), false, now, LIMITS)
-            .expect_err("ahead");
-        assert_eq!(err.code, ErrorCode::UNRECOVERABLE_POSITION);
+        assert_eq!(state.plan_newest(2), Read::Memory);
+        assert_eq!(offsets(&state.newest(2, &[])), vec![3, 4]);
+        assert_eq!(
+            state.plan_newest(10),
+            Read::Memory,
+            "nothing older anywhere"
+        );
+        assert_eq!(offsets(&state.newest(10, &[])), vec![2, 3, 4]);
+        assert!(state.newest(0, &[]).is_empty());
     }
 
     #[test]
-    fn idempotency_key_returns_first_position() {
+    fn idempotency_keys_are_remembered_for_the_window() {
         let now = Instant::now();
         let mut state = ChannelState::new("a".into(), now);
-        let first = state.sequence(
-            Bytes::from_static(b"\x01"),
-            None,
-            Some("k".into()),
-            0,
-            now,
+        publish_with(&mut state, 1, Some("k"), now, LIMITS);
+        assert_eq!(state.key("k"), Some(1));
+        assert_eq!(state.key("other"), None);
+        state.expire(now + Duration::from_secs(301), LIMITS);
+        assert_eq!(state.key("k"), None, "the window has passed");
+        // A key used again later points at its newest publication.
+        publish_with(&mut state, 2, Some("k"), now, LIMITS);
+        publish_with(
+            &mut state,
+            3,
+            Some("k"),
+            now + Duration::from_secs(200),
             LIMITS,
         );
-        let again = state.sequence(
-            Bytes::from_static(b"\x02"),
-            None,
-            Some("k".into()),
-            0,
-            now,
-            LIMITS,
-        );
-        assert!(first.fresh && !again.fresh);
-        assert_eq!(again.publication.offset, first.publication.offset);
-        assert_eq!(state.offset(), 1);
-        let later = now + Duration::from_secs(301);
-        let third = state.sequence(
-            Bytes::from_static(b"\x03"),
-            None,
-            Some("k".into()),
-            0,
-            later,
-            LIMITS,
-        );
-        assert!(third.fresh, "the window has passed");
-        assert_eq!(third.publication.offset, 2);
+        state.expire(now + Duration::from_secs(301), LIMITS);
+        assert_eq!(state.key("k"), Some(3));
     }
 
     #[test]
@@ -430,8 +603,8 @@ mod tests {
         let now = Instant::now();
         let limits = Limits { size: 0, ..LIMITS };
         let mut state = ChannelState::new("a".into(), now);
-        state.sequence(Bytes::from_static(b"\x01"), None, None, 0, now, limits);
+        publish_with(&mut state, 1, None, now, limits);
         assert!(state.is_history_empty());
-        assert!(!state.recover(Some(&pos(&state, 0)), now, limits).recovered);
+        assert_eq!(state.plan_after(&pos(&state, 0)), Read::Unservable);
     }
 }

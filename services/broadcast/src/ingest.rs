@@ -3,17 +3,28 @@
 //!
 //! It is the only reader of the subscriptions, so requests for one channel
 //! reach their shard in the order NATS delivered them.
+//!
+//! Subjects:
+//! - `rt.bc.p.<partition>.<op>.<channel>` (gateways): subscribed only for the
+//!   partitions this instance holds ([`AddPartition`], [`RemovePartition`]).
+//! - `rt.publish.<channel>` (any service) and the older unpartitioned
+//!   `rt.bc.{publish,history,recover}.<channel>`: every instance subscribes
+//!   (no queue group, so one publisher's order is kept); only the owner of
+//!   the channel's partition acts, the others ignore the message. A subject
+//!   without a valid channel is answered by the owner of partition 0.
 
+use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
-use async_nats::Message as NatsMessage;
+use async_nats::{Message as NatsMessage, Subscriber};
 use bytes::Bytes;
 use rt_proto::internal::{
     self, BusResult, HistoryRequest, PublishRequest, RecoverRequest, WireError,
 };
+use rt_proto::subject::BroadcastOp;
 use rt_proto::{ChannelName, ErrorCode, subject, value};
 use rt_shared::Bus;
 use rt_shared::config::Config;
@@ -21,6 +32,7 @@ use rt_shared::telemetry::RateLimitedLog;
 use rt_shared::trace_context::TraceContext;
 
 use crate::metrics::BroadcastMetrics;
+use crate::partitions::Ownership;
 use crate::shard::{Incoming, IncomingKind, Shard};
 
 static REFUSALS: RateLimitedLog = RateLimitedLog::new(5_000);
@@ -38,6 +50,25 @@ pub struct Ingest {
     config: Arc<Config>,
     metrics: BroadcastMetrics,
     shards: Vec<Addr<Shard>>,
+    ownership: Arc<Ownership>,
+    partitions: HashMap<u32, SpawnHandle>,
+}
+
+/// Start reading a partition's subjects (its lease was taken).
+pub struct AddPartition {
+    pub partition: u32,
+    pub subscription: Subscriber,
+}
+
+impl Message for AddPartition {
+    type Result = ();
+}
+
+/// Stop reading a partition's subjects (dropping the subscription unsubscribes).
+pub struct RemovePartition(pub u32);
+
+impl Message for RemovePartition {
+    type Result = ();
 }
 
 /// Stops the actor, which drops (and so unsubscribes) its subscriptions.
@@ -53,12 +84,15 @@ impl Ingest {
         config: Arc<Config>,
         metrics: BroadcastMetrics,
         shards: Vec<Addr<Shard>>,
+        ownership: Arc<Ownership>,
     ) -> Self {
         Self {
             bus,
             config,
             metrics,
             shards,
+            ownership,
+            partitions: HashMap::new(),
         }
     }
 
@@ -77,22 +111,49 @@ impl Ingest {
                 .map(|v| v.as_str().to_owned())
         };
         let reply_json = header(ACCEPT).is_some_and(|v| v.starts_with(JSON));
-        let (prefix, kind) = if subject.starts_with(subject::PUBLISH_PREFIX) {
-            (subject::PUBLISH_PREFIX, Kind::PublicPublish)
-        } else if subject.starts_with(subject::INTERNAL_PUBLISH_PREFIX) {
-            (subject::INTERNAL_PUBLISH_PREFIX, Kind::Publish)
-        } else if subject.starts_with(subject::HISTORY_PREFIX) {
-            (subject::HISTORY_PREFIX, Kind::History)
-        } else if subject.starts_with(subject::RECOVER_PREFIX) {
-            (subject::RECOVER_PREFIX, Kind::Recover)
+        let (kind, channel, addressed) = if subject.starts_with(subject::PARTITION_PREFIX) {
+            let (_, op, channel) = subject::parse_broadcast_request(subject)
+                .map_err(|e| (ErrorCode::BAD_REQUEST, e.to_string()))?;
+            let kind = match op {
+                BroadcastOp::Publish => Kind::Publish,
+                BroadcastOp::History => Kind::History,
+                BroadcastOp::Recover => Kind::Recover,
+            };
+            (kind, channel, true)
         } else {
-            return Err((
-                ErrorCode::BAD_REQUEST,
-                format!("unexpected subject {subject}"),
-            ));
+            let (prefix, kind) = if subject.starts_with(subject::PUBLISH_PREFIX) {
+                (subject::PUBLISH_PREFIX, Kind::PublicPublish)
+            } else if subject.starts_with(subject::INTERNAL_PUBLISH_PREFIX) {
+                (subject::INTERNAL_PUBLISH_PREFIX, Kind::Publish)
+            } else if subject.starts_with(subject::HISTORY_PREFIX) {
+                (subject::HISTORY_PREFIX, Kind::History)
+            } else if subject.starts_with(subject::RECOVER_PREFIX) {
+                (subject::RECOVER_PREFIX, Kind::Recover)
+            } else {
+                return Err((
+                    ErrorCode::BAD_REQUEST,
+                    format!("unexpected subject {subject}"),
+                ));
+            };
+            match subject::parse_channel(prefix, subject) {
+                Ok(channel) => (kind, channel, false),
+                // Every instance sees it; one answers.
+                Err(_) if !self.ownership.owns(0) => return Ok(()),
+                Err(e) => return Err((ErrorCode::BAD_REQUEST, e.to_string())),
+            }
         };
-        let channel = subject::parse_channel(prefix, subject)
-            .map_err(|e| (ErrorCode::BAD_REQUEST, e.to_string()))?;
+        if !self.ownership.owns(subject::partition(&channel)) {
+            return if addressed {
+                // Arrived just as the partition moved away: the caller retries.
+                Err((
+                    ErrorCode::BUSY,
+                    "the channel's partition is moving to another instance, retry".to_owned(),
+                ))
+            } else {
+                // Another instance owns it and answers.
+                Ok(())
+            };
+        }
         if self.config.namespace(&channel).is_none() {
             return Err((
                 ErrorCode::UNKNOWN_CHANNEL,
@@ -151,9 +212,11 @@ impl Ingest {
             .as_ref()
             .and_then(|h| h.get(ACCEPT))
             .is_some_and(|v| v.as_str().starts_with(JSON));
-        let result = BusResult::<()>::Err {
-            error: WireError::new(code, reason),
-        };
+        let mut error = WireError::new(code, reason);
+        if code == ErrorCode::BUSY {
+            error = error.with_retry_after(500);
+        }
+        let result = BusResult::<()>::Err { error };
         let payload = if json {
             serde_json::to_vec(&result).unwrap_or_default()
         } else {
@@ -223,6 +286,27 @@ impl StreamHandler<NatsMessage> for Ingest {
 
     // One subscription ending (shutdown) must not stop the others.
     fn finished(&mut self, _: &mut Self::Context) {}
+}
+
+impl Handler<AddPartition> for Ingest {
+    type Result = ();
+
+    fn handle(&mut self, msg: AddPartition, ctx: &mut Self::Context) {
+        let handle = ctx.add_stream(msg.subscription);
+        if let Some(old) = self.partitions.insert(msg.partition, handle) {
+            ctx.cancel_future(old);
+        }
+    }
+}
+
+impl Handler<RemovePartition> for Ingest {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemovePartition, ctx: &mut Self::Context) {
+        if let Some(handle) = self.partitions.remove(&msg.0) {
+            ctx.cancel_future(handle);
+        }
+    }
 }
 
 impl Handler<Stop> for Ingest {

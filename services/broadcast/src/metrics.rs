@@ -17,6 +17,21 @@ pub struct RecoveredLabel {
     pub recovered: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
 #[derive(Clone)]
 pub struct BroadcastMetrics {
     pub publications: Counter,
@@ -27,6 +42,26 @@ pub struct BroadcastMetrics {
     pub recoveries: Family<RecoveredLabel, Counter>,
     /// From receipt off NATS to the delivery being queued for NATS.
     pub sequence_latency: Histogram,
+    /// History writes to JetStream by outcome.
+    pub store_writes: Family<ResultLabel, Counter>,
+    /// From handing a write to the NATS connection to JetStream's ack.
+    pub store_write_latency: Histogram,
+    /// Writes handed to JetStream and not yet acknowledged.
+    pub store_inflight: Gauge,
+    /// Reads of the record, by kind (load, range, tail).
+    pub store_reads: Family<KindLabel, Counter>,
+    /// Read failures, by kind.
+    pub store_read_errors: Family<KindLabel, Counter>,
+    /// History and recovery queries the hot window could not answer alone.
+    pub window_misses: Counter,
+    /// Resyncs after a failed write, by outcome (clean, repaired, reloaded).
+    pub resyncs: Family<ResultLabel, Counter>,
+    /// New epochs started, by reason (empty, hole, memory).
+    pub epochs: Family<ReasonLabel, Counter>,
+    /// Partitions this instance owns.
+    pub partitions_owned: Gauge,
+    /// Partition ownership changes, by event (acquired, released, lost).
+    pub partition_events: Family<KindLabel, Counter>,
 }
 
 impl BroadcastMetrics {
@@ -39,6 +74,16 @@ impl BroadcastMetrics {
             history_queries: Counter::default(),
             recoveries: Family::default(),
             sequence_latency: latency_histogram(),
+            store_writes: Family::default(),
+            store_write_latency: latency_histogram(),
+            store_inflight: Gauge::default(),
+            store_reads: Family::default(),
+            store_read_errors: Family::default(),
+            window_misses: Counter::default(),
+            resyncs: Family::default(),
+            epochs: Family::default(),
+            partitions_owned: Gauge::default(),
+            partition_events: Family::default(),
         };
         registry.register(
             "rt_broadcast_publications",
@@ -72,10 +117,75 @@ impl BroadcastMetrics {
         );
         registry.register(
             "rt_broadcast_sequence_seconds",
-            "Time from receiving a publish to queueing its delivery",
+            "Time from receiving a publish to queueing its delivery (with JetStream: after its write is acknowledged)",
             m.sequence_latency.clone(),
         );
+        registry.register(
+            "rt_broadcast_store_writes",
+            "History writes to JetStream by result (ok, fenced, duplicate, failed)",
+            m.store_writes.clone(),
+        );
+        registry.register(
+            "rt_broadcast_store_write_seconds",
+            "Time from handing a history write to NATS to JetStream's acknowledgement",
+            m.store_write_latency.clone(),
+        );
+        registry.register(
+            "rt_broadcast_store_inflight",
+            "History writes awaiting JetStream's acknowledgement",
+            m.store_inflight.clone(),
+        );
+        registry.register(
+            "rt_broadcast_store_reads",
+            "Reads of the JetStream record by kind (load, range, tail)",
+            m.store_reads.clone(),
+        );
+        registry.register(
+            "rt_broadcast_store_read_errors",
+            "Failed reads of the JetStream record by kind (retried)",
+            m.store_read_errors.clone(),
+        );
+        registry.register(
+            "rt_broadcast_window_misses",
+            "History and recovery queries that needed the JetStream record",
+            m.window_misses.clone(),
+        );
+        registry.register(
+            "rt_broadcast_resyncs",
+            "Channel resyncs after a failed history write, by result (clean, repaired, reloaded)",
+            m.resyncs.clone(),
+        );
+        registry.register(
+            "rt_broadcast_epochs",
+            "Epochs started, by reason (empty: no stored message; hole: the record lost a write; memory: no record)",
+            m.epochs.clone(),
+        );
+        registry.register(
+            "rt_broadcast_partitions_owned",
+            "Channel partitions this instance sequences",
+            m.partitions_owned.clone(),
+        );
+        registry.register(
+            "rt_broadcast_partition_events",
+            "Partition ownership changes by kind (acquired, released, lost)",
+            m.partition_events.clone(),
+        );
         m
+    }
+
+    pub fn store_write(&self, result: &'static str) {
+        self.store_writes
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    pub fn store_read(&self, kind: &'static str, ok: bool) {
+        self.store_reads.get_or_create(&KindLabel { kind }).inc();
+        if !ok {
+            self.store_read_errors
+                .get_or_create(&KindLabel { kind })
+                .inc();
+        }
     }
 
     pub fn error(&self, code: rt_proto::ErrorCode) {

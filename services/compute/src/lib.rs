@@ -55,6 +55,7 @@ pub struct ComputeHandle {
     ops: actix_web::dev::ServerHandle,
     ingest: Addr<Ingest>,
     health: Health,
+    _stats: rt_shared::stats::StatsPublisher,
 }
 
 impl ComputeHandle {
@@ -86,7 +87,7 @@ pub async fn run_with(config: Config, registry: Registry) -> Result<ComputeHandl
     // Health is served from the start; readiness waits for NATS.
     let state = OpsState {
         health: health.clone(),
-        metrics: metrics_registry,
+        metrics: metrics_registry.clone(),
     };
     let (server, ops_addr) =
         rt_shared::health::serve(&config.compute.http_addr, state).map_err(|source| {
@@ -143,6 +144,14 @@ pub async fn run_with(config: Config, registry: Registry) -> Result<ComputeHandl
         Ingest::new(shared, registry, worker_addr)
     });
     lag::spawn_probe("main", common, true);
+    let stats = rt_shared::stats::spawn_publisher(
+        &config,
+        bus,
+        metrics_registry,
+        "compute",
+        None,
+        rt_shared::stats::COMPUTE,
+    );
 
     health.set_warmed();
     tracing::info!(%ops_addr, workers, nats = %config.nats.url, "compute ready");
@@ -151,5 +160,6 @@ pub async fn run_with(config: Config, registry: Registry) -> Result<ComputeHandl
         ops,
         ingest,
         health,
+        _stats: stats,
     })
 }

@@ -12,6 +12,7 @@ use rt_proto::outbound::{self, ErrorBody, Out};
 use rt_proto::{ChannelName, CloseCode, ErrorCode};
 use rt_shared::BusError;
 use rt_shared::broadcast_client::Pending;
+use rt_shared::config::SlowConsumerPolicy;
 use rt_shared::telemetry::current_context;
 
 use crate::connection::{Connection, Phase, SubSlot};
@@ -23,10 +24,10 @@ type Ctx = ws::WebsocketContext<Connection>;
 /// A subscription's outcome, tagged with its token: the SubResult, or why it failed.
 type SubOutcome = Result<(u64, Subscribed), (u64, ErrorBody)>;
 
-/// What a subscribe produced: the SubResult to send and the offset it covers.
+/// What a subscribe produced: the SubResult to send and the position it covers.
 struct Subscribed {
     result: Out,
-    covered: u64,
+    covered: StreamPosition,
 }
 
 impl Connection {
@@ -330,17 +331,29 @@ impl Connection {
                 "this node holds as many channels as it may",
             ));
         }
+        let token = self.next_sub_token;
+        let policy = self
+            .app
+            .config
+            .namespace(&channel)
+            .map_or(SlowConsumerPolicy::Disconnect, |ns| ns.slow_consumer);
         let ready = self
             .app
             .hub
-            .add_pending(&channel, self.id, self.outbound.clone(), self.encoding)
+            .add_pending(
+                &channel,
+                self.id,
+                self.outbound.clone(),
+                self.encoding,
+                token,
+                policy,
+            )
             .map_err(|e| match e {
                 HubError::AlreadySubscribed => {
                     ErrorBody::new(ErrorCode::ALREADY_SUBSCRIBED, "already subscribed")
                 }
                 HubError::Gone => ErrorBody::new(ErrorCode::INTERNAL, "internal error"),
             })?;
-        let token = self.next_sub_token;
         self.next_sub_token += 1;
         self.subscriptions
             .insert(name.to_owned(), SubSlot { token, live: false });
@@ -373,7 +386,7 @@ impl Connection {
         name: &str,
         token: u64,
         reply: Option<crate::outbound::Frame>,
-        covered: u64,
+        covered: StreamPosition,
         ctx: &mut Ctx,
     ) -> bool {
         let Some(slot) = self.subscriptions.get_mut(name) else {
@@ -395,6 +408,20 @@ impl Connection {
                 self.subscriptions.remove(name);
                 false
             }
+        }
+    }
+
+    /// The hub ended subscription `token` (its `unsubscribed` push is being
+    /// written): forget it, unless it was replaced meanwhile.
+    pub(crate) fn subscription_lost(&mut self, name: &str, token: u64, ctx: &mut Ctx) {
+        if self
+            .subscriptions
+            .get(name)
+            .is_some_and(|s| s.token == token)
+            && let Some(slot) = self.subscriptions.remove(name)
+            && slot.live
+        {
+            self.left(name, ctx);
         }
     }
 
@@ -523,7 +550,10 @@ impl Connection {
 
 /// A SubResult: `offset`, `epoch`, `recovered`, and `pubs` when `since` was given.
 fn sub_result(reply: RecoverReply, with_pubs: bool) -> Subscribed {
-    let covered = reply.offset;
+    let covered = StreamPosition {
+        offset: reply.offset,
+        epoch: reply.epoch.clone(),
+    };
     let mut result = Out::map([
         ("offset", Out::UInt(reply.offset)),
         ("epoch", Out::str(reply.epoch)),

@@ -18,7 +18,7 @@ use rt_shared::telemetry::RateLimitedLog;
 
 use crate::hub::{ConnId, encode_frame};
 use crate::metrics::CodeLabel;
-use crate::outbound::{Frame, Outbound, OutboundStream, Outgoing, Push};
+use crate::outbound::{Bounds, Frame, Outbound, OutboundStream, Outgoing, Push, QueueMetrics};
 use crate::state::AppState;
 
 static PROTOCOL_ERRORS: RateLimitedLog = RateLimitedLog::new(5_000);
@@ -106,11 +106,7 @@ impl Connection {
     pub fn new(app: Arc<AppState>, encoding: Encoding) -> Self {
         let id = app.next_conn_id();
         let config = &app.config.gateway;
-        let outbound = Outbound::new(
-            config.outbound_buffer_bytes,
-            config.max_batch_bytes,
-            app.metrics.outbound_bytes.clone(),
-        );
+        let outbound = Outbound::new(Bounds::from_config(config), QueueMetrics::new(&app.metrics));
         let now = Instant::now();
         Self {
             id,
@@ -222,6 +218,15 @@ impl Connection {
         }
     }
 
+    fn write(&mut self, frame: Frame, ctx: &mut ws::WebsocketContext<Self>) {
+        self.app.metrics.messages_out.inc();
+        self.app.metrics.bytes_out.inc_by(frame.len() as u64);
+        match frame {
+            Frame::Binary(bytes) => ctx.binary(bytes),
+            Frame::Text(text) => ctx.text(text),
+        }
+    }
+
     fn check_liveness(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
         let interval = Duration::from_millis(self.app.config.gateway.ping_interval_ms);
         if self.last_seen.elapsed() >= interval * 3 {
@@ -314,13 +319,14 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Connection {
 impl StreamHandler<Outgoing> for Connection {
     fn handle(&mut self, outgoing: Outgoing, ctx: &mut Self::Context) {
         match outgoing {
-            Outgoing::Frame(frame) => {
-                self.app.metrics.messages_out.inc();
-                self.app.metrics.bytes_out.inc_by(frame.len() as u64);
-                match frame {
-                    Frame::Binary(bytes) => ctx.binary(bytes),
-                    Frame::Text(text) => ctx.text(text),
-                }
+            Outgoing::Frame(frame) => self.write(frame, ctx),
+            Outgoing::Lost {
+                channel,
+                token,
+                frame,
+            } => {
+                self.subscription_lost(&channel, token, ctx);
+                self.write(frame, ctx);
             }
             Outgoing::Close(code, reason) => {
                 if code == CloseCode::SLOW_CONSUMER {

@@ -11,28 +11,62 @@
 //!   publications are buffered for it (bounded) and replayed after the reply,
 //!   skipping what the reply already covers, so the switch-over from recovery
 //!   to live has no gap and no duplicate.
+//!
+//! Nothing is lost silently. Each live subscriber has a position (epoch and
+//! offset of the last publication queued to it, at first its subscribe
+//! reply's); a publication is queued to it only when it is the next one.
+//! When the node itself misses publications — an offset jump on arrival
+//! (a NATS slow consumer, a reconnect), or, after a NATS reconnect or a
+//! slow-consumer event, possibly at the tail of any channel — it *repairs*
+//! the channel: it asks broadcast for what follows its last position, holds
+//! newer arrivals meanwhile (bounded by `gateway.max_pending_while_subscribing`),
+//! then delivers the missed publications and the held ones in offset order.
+//! A subscriber that still cannot follow (the publications are no longer in
+//! history, the epoch changed, broadcast did not answer, too much arrived
+//! meanwhile) gets `unsubscribed` with code 112 and its subscription ends: it
+//! resubscribes with `since`, and `recovered` tells it whether to refetch.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use bytestring::ByteString;
 use futures_util::StreamExt as _;
-use rt_proto::internal::Publication;
+use prometheus_client::metrics::counter::Counter;
+use rt_proto::internal::{Publication, RecoverReply, StreamPosition};
 use rt_proto::session::{self, PresenceChange};
-use rt_proto::{ChannelName, CloseCode, Encoding, outbound, subject};
-use rt_shared::Bus;
+use rt_proto::{ChannelName, CloseCode, Encoding, ErrorCode, outbound, subject};
+use rt_shared::broadcast_client::BroadcastClient;
+use rt_shared::config::SlowConsumerPolicy;
 use rt_shared::telemetry::{RateLimitedLog, add_link, now_ms};
 use rt_shared::trace_context::TraceContext;
+use rt_shared::{Bus, BusError};
 use tokio::sync::oneshot;
 
-use crate::metrics::GatewayMetrics;
+use crate::metrics::{GatewayMetrics, ReasonLabel};
 use crate::outbound::{Frame, Outbound, Push};
 
 const SHARDS: usize = 64;
 
+/// Channels checked at once after a NATS reconnect or slow-consumer event.
+const SWEEP_CONCURRENCY: usize = 64;
+
+/// How often the node looks at its NATS connection's counters.
+const WATCH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Slow-consumer events (NATS is dropping messages: the node is overloaded)
+/// start a check of every channel at most this often; offset jumps are
+/// caught on arrival meanwhile.
+const SLOW_CONSUMER_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Waits before asking broadcast again when a repair got no answer.
+const REPAIR_RETRIES: [Duration; 2] = [Duration::from_millis(200), Duration::from_millis(1_000)];
+
 static RELAY_ERRORS: RateLimitedLog = RateLimitedLog::new(5_000);
+static REPAIR_LOG: RateLimitedLog = RateLimitedLog::new(5_000);
 
 /// A connection's identity inside this gateway.
 pub type ConnId = u64;
@@ -73,13 +107,68 @@ pub fn encode_frame(message: &outbound::Out, encoding: Encoding) -> Frame {
 
 enum SubState {
     Pending(Vec<Arc<EncodedPub>>),
-    Live,
+    /// The epoch and offset of the last publication queued to it (at first,
+    /// its subscribe reply's position).
+    Live {
+        epoch: String,
+        offset: u64,
+    },
 }
 
 struct LocalSub {
     outbound: Arc<Outbound>,
     encoding: Encoding,
+    /// The subscription's token on its connection.
+    token: u64,
+    policy: SlowConsumerPolicy,
     state: SubState,
+}
+
+/// Why a subscriber cannot follow its channel any more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lost {
+    /// Publications after its position cannot be delivered.
+    Gap,
+    /// The channel's history was reset under it.
+    Epoch,
+}
+
+impl Lost {
+    fn reason(self) -> &'static str {
+        match self {
+            Lost::Gap => "publications were missed: resubscribe with since",
+            Lost::Epoch => "the channel's history was reset (new epoch): resubscribe with since",
+        }
+    }
+}
+
+/// What made the node ask broadcast for publications it may have missed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RepairReason {
+    /// An offset jump on arrival.
+    Gap,
+    /// The NATS connection was re-established: anything may have been missed meanwhile.
+    Reconnect,
+    /// NATS dropped messages of one of the node's subscriptions.
+    SlowConsumer,
+}
+
+impl RepairReason {
+    fn label(self) -> &'static str {
+        match self {
+            RepairReason::Gap => "gap",
+            RepairReason::Reconnect => "reconnect",
+            RepairReason::SlowConsumer => "slow_consumer",
+        }
+    }
+}
+
+/// A channel waiting for broadcast to tell what follows `since`.
+struct Repair {
+    id: u64,
+    since: StreamPosition,
+    /// Arrivals held until the missed publications are delivered.
+    held: Vec<Arc<EncodedPub>>,
 }
 
 enum Relay {
@@ -93,8 +182,10 @@ struct ChannelEntry {
     relay: Relay,
     generation: u64,
     stop_relay: Option<oneshot::Sender<()>>,
-    /// The last delivered (epoch, offset), to spot gaps.
-    last: Option<(String, u64)>,
+    /// The newest position this node knows it has delivered everything up
+    /// to (received, filled, or vouched for by a subscribe reply), to spot gaps.
+    last: Option<StreamPosition>,
+    repair: Option<Repair>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,29 +196,44 @@ pub enum HubError {
     Gone,
 }
 
+type Shard = HashMap<String, ChannelEntry>;
+
 pub struct Hub {
-    shards: Vec<Mutex<HashMap<String, ChannelEntry>>>,
+    shards: Vec<Mutex<Shard>>,
     bus: Bus,
+    broadcast: BroadcastClient,
     metrics: GatewayMetrics,
     max_pending: usize,
-    next_generation: std::sync::atomic::AtomicU64,
+    next_generation: AtomicU64,
+}
+
+fn position(publication: &Publication) -> StreamPosition {
+    StreamPosition {
+        offset: publication.offset,
+        epoch: publication.epoch.clone(),
+    }
 }
 
 impl Hub {
     pub fn new(bus: Bus, metrics: GatewayMetrics, max_pending: usize) -> Arc<Self> {
         Arc::new(Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            broadcast: BroadcastClient::new(bus.clone()),
             bus,
             metrics,
             max_pending,
-            next_generation: std::sync::atomic::AtomicU64::new(1),
+            next_generation: AtomicU64::new(1),
         })
     }
 
-    fn shard(&self, channel: &str) -> Option<MutexGuard<'_, HashMap<String, ChannelEntry>>> {
+    fn shard(&self, channel: &str) -> Option<MutexGuard<'_, Shard>> {
         let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(channel);
         let index = usize::try_from(hash % SHARDS as u64).unwrap_or(0);
         self.shards.get(index).and_then(|m| m.lock().ok())
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_generation.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Whether this node already holds a subscription for `channel`.
@@ -141,24 +247,26 @@ impl Hub {
         usize::try_from(self.metrics.channels.get()).unwrap_or(0)
     }
 
-    /// Registers a pending subscriber. The returned receiver resolves once this
-    /// node's NATS subscription for the channel is in place (at once if it already is);
-    /// only then may the caller ask broadcast for the position.
+    /// Registers a pending subscriber: subscription `token` of connection
+    /// `conn`, in a namespace with slow-consumer `policy`. The returned
+    /// receiver resolves once this node's NATS subscription for the channel
+    /// is in place (at once if it already is); only then may the caller ask
+    /// broadcast for the position.
     pub fn add_pending(
         self: &Arc<Self>,
         channel: &ChannelName,
         conn: ConnId,
         outbound: Arc<Outbound>,
         encoding: Encoding,
+        token: u64,
+        policy: SlowConsumerPolicy,
     ) -> Result<oneshot::Receiver<()>, HubError> {
         let (ready_tx, ready_rx) = oneshot::channel();
         let mut shard = self.shard(channel.as_str()).ok_or(HubError::Gone)?;
         let entry = match shard.entry(channel.as_str().to_owned()) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(v) => {
-                let generation = self
-                    .next_generation
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let generation = self.next_id();
                 let (stop_tx, stop_rx) = oneshot::channel();
                 self.metrics.channels.inc();
                 actix_rt::spawn(run_relay(
@@ -173,6 +281,7 @@ impl Hub {
                     generation,
                     stop_relay: Some(stop_tx),
                     last: None,
+                    repair: None,
                 })
             }
         };
@@ -184,6 +293,8 @@ impl Hub {
             LocalSub {
                 outbound,
                 encoding,
+                token,
+                policy,
                 state: SubState::Pending(Vec::new()),
             },
         );
@@ -197,34 +308,47 @@ impl Hub {
         Ok(ready_rx)
     }
 
-    /// Makes a pending subscriber live: queues `reply` (the subscribe answer),
-    /// then what arrived meanwhile with an offset above `covered`, in order.
+    /// Makes a pending subscriber live at `position` (its subscribe
+    /// answer's): queues `reply`, then what arrived meanwhile after that
+    /// position, in order.
     pub fn activate(
         &self,
         channel: &ChannelName,
         conn: ConnId,
         reply: Option<Frame>,
-        covered: u64,
+        position: StreamPosition,
     ) -> Result<(), HubError> {
         let mut shard = self.shard(channel.as_str()).ok_or(HubError::Gone)?;
-        let sub = shard
-            .get_mut(channel.as_str())
-            .and_then(|e| e.subscribers.get_mut(&conn))
-            .ok_or(HubError::Gone)?;
-        let SubState::Pending(buffered) = std::mem::replace(&mut sub.state, SubState::Live) else {
+        let entry = shard.get_mut(channel.as_str()).ok_or(HubError::Gone)?;
+        let sub = entry.subscribers.get_mut(&conn).ok_or(HubError::Gone)?;
+        let live = SubState::Live {
+            epoch: position.epoch.clone(),
+            offset: position.offset,
+        };
+        let SubState::Pending(buffered) = std::mem::replace(&mut sub.state, live) else {
             return Err(HubError::Gone);
         };
+        // Broadcast answered after this node's NATS subscription was in
+        // place: everything after this position reaches the node.
+        if entry.last.is_none() {
+            entry.last = Some(position);
+        }
         if let Some(reply) = reply
             && sub.outbound.push(reply) == Push::Overflowed
         {
             self.metrics.slow_consumers.inc();
             return Ok(());
         }
-        for publication in buffered.iter().filter(|p| p.publication.offset > covered) {
-            if sub.outbound.push(publication.frame(sub.encoding)) == Push::Overflowed {
-                self.metrics.slow_consumers.inc();
+        let mut lost = None;
+        for publication in &buffered {
+            if let Err(why) = self.offer(sub, publication) {
+                lost = Some(why);
                 break;
             }
+        }
+        if let Some(why) = lost {
+            self.end(entry, channel.as_str(), conn, why);
+            self.drop_if_empty(&mut shard, channel.as_str());
         }
         Ok(())
     }
@@ -240,11 +364,21 @@ impl Hub {
         if entry.subscribers.remove(&conn).is_some() {
             self.metrics.subscriptions.dec();
         }
-        if entry.subscribers.is_empty() {
+        self.drop_if_empty(&mut shard, channel);
+    }
+
+    /// Forgets a channel without subscribers and stops its relay.
+    fn drop_if_empty(&self, shard: &mut Shard, channel: &str) {
+        if !shard
+            .get(channel)
+            .is_some_and(|entry| entry.subscribers.is_empty())
+        {
+            return;
+        }
+        if let Some(mut entry) = shard.remove(channel) {
             if let Some(stop) = entry.stop_relay.take() {
                 let _ = stop.send(());
             }
-            shard.remove(channel);
             self.metrics.channels.dec();
         }
     }
@@ -263,8 +397,8 @@ impl Hub {
         }
     }
 
-    /// Hands one publication to every local subscriber of its channel.
-    fn fan_out(&self, channel: &ChannelName, generation: u64, publication: Publication) {
+    /// Takes one publication from NATS for every local subscriber of its channel.
+    fn fan_out(self: &Arc<Self>, channel: &ChannelName, generation: u64, publication: Publication) {
         let encoded = Arc::new(EncodedPub::new(publication));
         let Some(mut shard) = self.shard(channel.as_str()) else {
             return;
@@ -275,37 +409,450 @@ impl Hub {
         if entry.generation != generation {
             return;
         }
-        let p = &encoded.publication;
-        if let Some((epoch, last)) = &entry.last
-            && *epoch == p.epoch
-            && p.offset != last + 1
-            && p.offset > *last
-        {
-            self.metrics.delivery_gaps.inc();
-        }
-        entry.last = Some((p.epoch.clone(), p.offset));
         self.metrics
             .publish_to_deliver
-            .observe(now_ms().saturating_sub(p.ts) as f64 / 1000.0);
-        for sub in entry.subscribers.values_mut() {
-            match &mut sub.state {
-                SubState::Live => {
-                    if sub.outbound.push(encoded.frame(sub.encoding)) == Push::Overflowed {
-                        self.metrics.slow_consumers.inc();
-                    }
+            .observe(now_ms().saturating_sub(encoded.publication.ts) as f64 / 1000.0);
+        self.accept(entry, channel, encoded, true);
+        self.drop_if_empty(&mut shard, channel.as_str());
+    }
+
+    /// Delivers an arrival, holds it while the channel is being repaired,
+    /// or starts a repair when it shows this node missed publications (unless
+    /// `may_repair` is false: then the subscribers it leaves behind get 112).
+    fn accept(
+        self: &Arc<Self>,
+        entry: &mut ChannelEntry,
+        channel: &ChannelName,
+        publication: Arc<EncodedPub>,
+        may_repair: bool,
+    ) {
+        if let Some(repair) = entry.repair.as_mut() {
+            if repair.held.len() < self.max_pending {
+                repair.held.push(publication);
+                return;
+            }
+            // Too much arrived meanwhile: give up filling; whoever the held
+            // publications leave behind is told to resubscribe.
+            self.metrics.gap_repairs_failed.inc();
+            if let Some(repair) = entry.repair.take() {
+                log_repair_failure(
+                    channel,
+                    &repair.since,
+                    "too many publications arrived meanwhile",
+                );
+                for held in repair.held {
+                    self.deliver(entry, channel.as_str(), held);
                 }
-                SubState::Pending(buffered) => {
-                    if buffered.len() < self.max_pending {
-                        buffered.push(encoded.clone());
-                    } else {
-                        buffered.clear();
-                        sub.outbound.fail(CloseCode::SLOW_CONSUMER, "slow consumer");
-                        self.metrics.slow_consumers.inc();
-                    }
+            }
+            self.deliver(entry, channel.as_str(), publication);
+            return;
+        }
+        let p = &publication.publication;
+        if let Some(last) = &entry.last
+            && last.epoch == p.epoch
+            && p.offset > last.offset + 1
+        {
+            self.metrics.delivery_gaps.inc();
+            if may_repair {
+                let since = last.clone();
+                self.start_repair(entry, channel, RepairReason::Gap, since, vec![publication]);
+                return;
+            }
+            self.metrics.gap_repairs_failed.inc();
+            log_repair_failure(channel, last, "broadcast does not have them (yet)");
+        }
+        self.deliver(entry, channel.as_str(), publication);
+    }
+
+    /// Queues a publication to every subscriber it follows on from; ends
+    /// the subscriptions it does not.
+    fn deliver(&self, entry: &mut ChannelEntry, channel: &str, publication: Arc<EncodedPub>) {
+        let p = &publication.publication;
+        match &mut entry.last {
+            Some(last) if last.epoch == p.epoch => last.offset = last.offset.max(p.offset),
+            last => *last = Some(position(p)),
+        }
+        let mut lost = Vec::new();
+        for (conn, sub) in &mut entry.subscribers {
+            if let Err(why) = self.offer(sub, &publication) {
+                lost.push((*conn, why));
+            }
+        }
+        for (conn, why) in lost {
+            self.end(entry, channel, conn, why);
+        }
+    }
+
+    /// Queues `publication` to one subscriber if it is the next one for it
+    /// (a pending one buffers it); `Err` when the subscriber cannot follow.
+    fn offer(&self, sub: &mut LocalSub, publication: &Arc<EncodedPub>) -> Result<(), Lost> {
+        match &mut sub.state {
+            SubState::Pending(buffered) => {
+                if buffered.len() < self.max_pending {
+                    buffered.push(publication.clone());
+                } else {
+                    buffered.clear();
+                    sub.outbound.fail(CloseCode::SLOW_CONSUMER, "slow consumer");
+                    self.metrics.slow_consumers.inc();
                 }
+                Ok(())
+            }
+            SubState::Live { epoch, offset } => {
+                let p = &publication.publication;
+                if p.epoch != *epoch {
+                    return Err(Lost::Epoch);
+                }
+                if p.offset <= *offset {
+                    return Ok(());
+                }
+                if p.offset != *offset + 1 {
+                    return Err(Lost::Gap);
+                }
+                *offset = p.offset;
+                let frame = publication.frame(sub.encoding);
+                if sub.outbound.push_pub(sub.token, sub.policy, frame) == Push::Overflowed {
+                    self.metrics.slow_consumers.inc();
+                }
+                Ok(())
             }
         }
     }
+
+    /// Ends a subscription the node cannot keep consistent: `unsubscribed`
+    /// with 112, queued after everything it was sent.
+    fn end(&self, entry: &mut ChannelEntry, channel: &str, conn: ConnId, why: Lost) {
+        let Some(sub) = entry.subscribers.remove(&conn) else {
+            return;
+        };
+        self.metrics.subscriptions.dec();
+        self.metrics.resubscribe_requests.inc();
+        let push =
+            outbound::push_unsubscribed(channel, ErrorCode::UNRECOVERABLE_POSITION, why.reason());
+        let frame = encode_frame(&push, sub.encoding);
+        if sub.outbound.push_lost(channel, sub.token, frame) == Push::Overflowed {
+            self.metrics.slow_consumers.inc();
+        }
+    }
+
+    /// Ends every live subscription that may have missed publications after
+    /// `since`: all but those already at broadcast's position (`reply`), or,
+    /// without an answer, those past `since`.
+    fn end_behind(
+        &self,
+        entry: &mut ChannelEntry,
+        channel: &str,
+        since: &StreamPosition,
+        reply: Option<&RecoverReply>,
+    ) {
+        let behind: Vec<(ConnId, Lost)> = entry
+            .subscribers
+            .iter()
+            .filter_map(|(conn, sub)| {
+                let SubState::Live { epoch, offset } = &sub.state else {
+                    return None;
+                };
+                let (at_epoch, at_offset) = match reply {
+                    Some(reply) => (&reply.epoch, reply.offset),
+                    None => (&since.epoch, since.offset + 1),
+                };
+                if *epoch != *at_epoch {
+                    Some((*conn, Lost::Epoch))
+                } else if *offset < at_offset {
+                    Some((*conn, Lost::Gap))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (conn, why) in behind {
+            self.end(entry, channel, conn, why);
+        }
+    }
+
+    fn start_repair(
+        self: &Arc<Self>,
+        entry: &mut ChannelEntry,
+        channel: &ChannelName,
+        reason: RepairReason,
+        since: StreamPosition,
+        held: Vec<Arc<EncodedPub>>,
+    ) {
+        let id = self.begin(entry, reason, since.clone(), held);
+        actix_rt::spawn(run_repair(
+            self.clone(),
+            channel.clone(),
+            entry.generation,
+            id,
+            since,
+        ));
+    }
+
+    fn begin(
+        &self,
+        entry: &mut ChannelEntry,
+        reason: RepairReason,
+        since: StreamPosition,
+        held: Vec<Arc<EncodedPub>>,
+    ) -> u64 {
+        let id = self.next_id();
+        self.metrics
+            .gap_repairs
+            .get_or_create(&ReasonLabel {
+                reason: reason.label(),
+            })
+            .inc();
+        entry.repair = Some(Repair { id, since, held });
+        id
+    }
+
+    /// Whether repair `id` of the channel is still waiting for its answer.
+    fn repairing(&self, channel: &ChannelName, generation: u64, id: u64) -> bool {
+        self.shard(channel.as_str()).is_some_and(|shard| {
+            shard.get(channel.as_str()).is_some_and(|entry| {
+                entry.generation == generation && entry.repair.as_ref().is_some_and(|r| r.id == id)
+            })
+        })
+    }
+
+    /// Broadcast's answer to repair `id`: the missed publications, then the
+    /// held ones, in order; or, when it cannot fill, 112 to whoever is behind.
+    fn finish_repair(
+        self: &Arc<Self>,
+        channel: &ChannelName,
+        generation: u64,
+        id: u64,
+        result: Result<RecoverReply, BusError>,
+    ) {
+        let Some(mut shard) = self.shard(channel.as_str()) else {
+            return;
+        };
+        let Some(entry) = shard.get_mut(channel.as_str()) else {
+            return;
+        };
+        if entry.generation != generation || entry.repair.as_ref().is_none_or(|r| r.id != id) {
+            return;
+        }
+        let Some(Repair { since, held, .. }) = entry.repair.take() else {
+            return;
+        };
+        match result {
+            Ok(reply) if reply.recovered && reply.epoch == since.epoch => {
+                let filled: Vec<Arc<EncodedPub>> = reply
+                    .pubs
+                    .into_iter()
+                    .filter(|p| p.epoch == since.epoch && p.offset > since.offset)
+                    .map(|p| Arc::new(EncodedPub::new(p)))
+                    .collect();
+                if !filled.is_empty() {
+                    self.metrics.gaps_filled.inc();
+                    self.metrics
+                        .refilled_publications
+                        .inc_by(filled.len() as u64);
+                }
+                for publication in filled {
+                    self.deliver(entry, channel.as_str(), publication);
+                }
+                // Everything up to broadcast's position was delivered.
+                if let Some(last) = &mut entry.last
+                    && last.epoch == reply.epoch
+                {
+                    last.offset = last.offset.max(reply.offset);
+                }
+                // A gap among the held ones is new since the answer; one
+                // that the answer did not move past cannot be filled.
+                let progressed = reply.offset > since.offset;
+                for publication in held {
+                    self.accept(entry, channel, publication, progressed);
+                }
+            }
+            other => {
+                self.metrics.gap_repairs_failed.inc();
+                let reply = other.as_ref().ok();
+                let why = match &other {
+                    Ok(reply) if reply.epoch != since.epoch => "the epoch changed".to_owned(),
+                    Ok(_) => "not in history".to_owned(),
+                    Err(error) => error.to_string(),
+                };
+                log_repair_failure(channel, &since, &why);
+                self.end_behind(entry, channel.as_str(), &since, reply);
+                if let Some(reply) = reply {
+                    entry.last = Some(StreamPosition {
+                        offset: reply.offset,
+                        epoch: reply.epoch.clone(),
+                    });
+                }
+                for publication in held {
+                    self.deliver(entry, channel.as_str(), publication);
+                }
+            }
+        }
+        self.drop_if_empty(&mut shard, channel.as_str());
+    }
+
+    async fn ask_broadcast(
+        &self,
+        channel: &ChannelName,
+        since: &StreamPosition,
+    ) -> Result<RecoverReply, BusError> {
+        self.broadcast
+            .recover(channel, Some(since.clone()), None)?
+            .wait()
+            .await
+    }
+}
+
+/// Losses the node cannot see on arrival: after a NATS reconnect, or when
+/// NATS reports one of its subscriptions a slow consumer, the tail of any
+/// channel may be missing. Every channel is then checked against broadcast.
+impl Hub {
+    /// Watches the NATS connection's reconnects and `slow_consumer_events`
+    /// (the bus counts them) and repairs every channel after each.
+    pub fn watch_nats(self: &Arc<Self>, slow_consumer_events: Counter) {
+        let hub = Arc::downgrade(self);
+        let stats = self.bus.client().statistics();
+        actix_rt::spawn(async move {
+            let mut connects = stats.connects.load(Ordering::Relaxed);
+            let mut slow = slow_consumer_events.get();
+            let mut due: Option<RepairReason> = None;
+            let mut swept: Option<tokio::time::Instant> = None;
+            loop {
+                tokio::time::sleep(WATCH_INTERVAL).await;
+                let Some(hub) = hub.upgrade() else { return };
+                let now = stats.connects.load(Ordering::Relaxed);
+                if now != connects {
+                    // The first connect is not a reconnect.
+                    if connects > 0 {
+                        due = Some(RepairReason::Reconnect);
+                    }
+                    connects = now;
+                }
+                let now = slow_consumer_events.get();
+                if now != slow {
+                    slow = now;
+                    due = due.or(Some(RepairReason::SlowConsumer));
+                }
+                let too_soon = due == Some(RepairReason::SlowConsumer)
+                    && swept.is_some_and(|at| at.elapsed() < SLOW_CONSUMER_SWEEP_INTERVAL);
+                if let Some(reason) = due
+                    && !too_soon
+                    && hub.sweep(reason).await
+                {
+                    due = None;
+                    swept = Some(tokio::time::Instant::now());
+                }
+            }
+        });
+    }
+
+    /// Repairs every channel from its last position; false when NATS is not
+    /// back yet (the caller tries again).
+    async fn sweep(self: &Arc<Self>, reason: RepairReason) -> bool {
+        // The node's subscriptions are registered again before its first
+        // message after a reconnect: once the server answered this, anything
+        // published is either delivered to the node or in broadcast's answer.
+        if self.bus.sync().await.is_err() {
+            return false;
+        }
+        let channels: Vec<(ChannelName, u64)> = self
+            .shards
+            .iter()
+            .filter_map(|shard| shard.lock().ok())
+            .flat_map(|shard| {
+                shard
+                    .iter()
+                    .filter_map(|(name, entry)| {
+                        ChannelName::parse(name)
+                            .ok()
+                            .map(|channel| (channel, entry.generation))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        tracing::info!(
+            reason = reason.label(),
+            channels = channels.len(),
+            "checking every channel for publications missed"
+        );
+        futures_util::stream::iter(channels)
+            .for_each_concurrent(SWEEP_CONCURRENCY, |(channel, generation)| async move {
+                if let Some((id, since)) = self.begin_sweep(&channel, generation, reason) {
+                    run_repair(self.clone(), channel, generation, id, since).await;
+                }
+            })
+            .await;
+        true
+    }
+
+    /// Starts repairing one channel from the node's last position (or its
+    /// least advanced subscriber's), unless a repair already runs.
+    fn begin_sweep(
+        &self,
+        channel: &ChannelName,
+        generation: u64,
+        reason: RepairReason,
+    ) -> Option<(u64, StreamPosition)> {
+        let mut shard = self.shard(channel.as_str())?;
+        let entry = shard.get_mut(channel.as_str())?;
+        if entry.generation != generation || entry.repair.is_some() {
+            return None;
+        }
+        let since = entry.last.clone().or_else(|| least_advanced(entry))?;
+        let id = self.begin(entry, reason, since.clone(), Vec::new());
+        Some((id, since))
+    }
+}
+
+/// The lowest position among the live subscribers of the first one's epoch.
+fn least_advanced(entry: &ChannelEntry) -> Option<StreamPosition> {
+    let mut least: Option<StreamPosition> = None;
+    for sub in entry.subscribers.values() {
+        let SubState::Live { epoch, offset } = &sub.state else {
+            continue;
+        };
+        match &mut least {
+            None => {
+                least = Some(StreamPosition {
+                    offset: *offset,
+                    epoch: epoch.clone(),
+                });
+            }
+            Some(least) if least.epoch == *epoch => least.offset = least.offset.min(*offset),
+            Some(_) => {}
+        }
+    }
+    least
+}
+
+fn log_repair_failure(channel: &ChannelName, since: &StreamPosition, why: &str) {
+    if let Some(suppressed) = REPAIR_LOG.allow() {
+        tracing::warn!(
+            %channel,
+            since = since.offset,
+            why,
+            suppressed,
+            "cannot fill missed publications: subscribers behind get 112"
+        );
+    }
+}
+
+/// Asks broadcast what follows `since` (again, a few times, while it does
+/// not answer) and hands the answer to the hub.
+async fn run_repair(
+    hub: Arc<Hub>,
+    channel: ChannelName,
+    generation: u64,
+    id: u64,
+    since: StreamPosition,
+) {
+    let mut result = hub.ask_broadcast(&channel, &since).await;
+    for delay in REPAIR_RETRIES {
+        if result.is_ok() || !hub.repairing(&channel, generation, id) {
+            break;
+        }
+        tokio::time::sleep(delay).await;
+        result = hub.ask_broadcast(&channel, &since).await;
+    }
+    hub.finish_repair(&channel, generation, id, result);
 }
 
 impl Hub {
@@ -337,7 +884,7 @@ impl Hub {
         }
         let mut frames: [Option<Frame>; 2] = [None, None];
         for sub in entry.subscribers.values_mut() {
-            if !matches!(sub.state, SubState::Live) {
+            if !matches!(sub.state, SubState::Live { .. }) {
                 continue;
             }
             let frame = frames[sub.encoding.index()]
@@ -429,4 +976,211 @@ fn is_presence_event(message: &async_nats::Message) -> bool {
         .as_ref()
         .and_then(|h| h.get(session::EVENT_HEADER))
         .is_some_and(|v| v.as_str() == session::EVENT_PRESENCE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::{Bounds, OutboundStream, Outgoing, QueueMetrics};
+    use rt_shared::config::NatsConfig;
+    use rt_shared::health::Health;
+    use rt_shared::metrics::{CommonMetrics, MetricsRegistry};
+
+    /// A hub whose NATS never answers: these tests drive it by hand.
+    async fn hub() -> (Arc<Hub>, GatewayMetrics) {
+        let registry = MetricsRegistry::default();
+        let config = NatsConfig {
+            url: "nats://127.0.0.1:1".into(),
+            request_timeout_ms: 60_000,
+            ..NatsConfig::default()
+        };
+        let bus = Bus::connect(
+            &config,
+            "test",
+            Health::default(),
+            CommonMetrics::new(&registry),
+        )
+        .await
+        .expect("connects in the background");
+        let metrics = GatewayMetrics::new(&registry);
+        (Hub::new(bus, metrics.clone(), 100), metrics)
+    }
+
+    fn queue() -> Arc<Outbound> {
+        Outbound::new(
+            Bounds {
+                limit: 1 << 20,
+                max_batch: 1,
+                auto_on: 1 << 19,
+                auto_off: 1 << 17,
+            },
+            QueueMetrics::default(),
+        )
+    }
+
+    fn publication(epoch: &str, offset: u64) -> Publication {
+        Publication {
+            channel: "chat:a".into(),
+            offset,
+            epoch: epoch.into(),
+            ts: now_ms(),
+            data: bytes::Bytes::from_static(&[0xc0]),
+            info: None,
+        }
+    }
+
+    fn pos(epoch: &str, offset: u64) -> StreamPosition {
+        StreamPosition {
+            offset,
+            epoch: epoch.into(),
+        }
+    }
+
+    fn generation(hub: &Hub, channel: &ChannelName) -> u64 {
+        hub.shard(channel.as_str())
+            .and_then(|shard| shard.get(channel.as_str()).map(|e| e.generation))
+            .expect("the channel is registered")
+    }
+
+    fn repair_id(hub: &Hub, channel: &ChannelName) -> Option<u64> {
+        hub.shard(channel.as_str()).and_then(|shard| {
+            shard
+                .get(channel.as_str())
+                .and_then(|e| e.repair.as_ref().map(|r| r.id))
+        })
+    }
+
+    /// What the queue holds: publication offsets, and `lost` for an end.
+    fn written(q: &Arc<Outbound>) -> Vec<String> {
+        let mut out = Vec::new();
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut stream = OutboundStream(q.clone());
+        while let std::task::Poll::Ready(Some(item)) =
+            std::pin::Pin::new(&mut stream).poll_next(&mut cx)
+        {
+            let frame = match item {
+                Outgoing::Frame(Frame::Binary(bytes)) => bytes,
+                Outgoing::Lost { token, .. } => {
+                    out.push(format!("lost {token}"));
+                    continue;
+                }
+                other => panic!("unexpected {other:?}"),
+            };
+            let value = rmpv::decode::read_value(&mut &frame[..]).expect("MessagePack");
+            let json = rt_proto::value::to_json_lossy(&value);
+            out.push(json["offset"].to_string());
+        }
+        out
+    }
+
+    use futures_util::Stream as _;
+
+    #[actix_rt::test]
+    async fn subscribers_get_each_offset_once_and_a_new_epoch_ends_them() {
+        let (hub, metrics) = hub().await;
+        let channel = ChannelName::parse("chat:a").expect("channel");
+        let q = queue();
+        hub.add_pending(
+            &channel,
+            1,
+            q.clone(),
+            Encoding::MsgPack,
+            7,
+            SlowConsumerPolicy::Disconnect,
+        )
+        .expect("added");
+        let generation = generation(&hub, &channel);
+        // Arrived while subscribing; 5 is covered by the reply.
+        hub.fan_out(&channel, generation, publication("e1", 5));
+        hub.fan_out(&channel, generation, publication("e1", 6));
+        hub.activate(&channel, 1, None, pos("e1", 5))
+            .expect("activated");
+        // Late duplicates are skipped; the next one goes out.
+        hub.fan_out(&channel, generation, publication("e1", 6));
+        hub.fan_out(&channel, generation, publication("e1", 7));
+        assert_eq!(written(&q), vec!["6", "7"]);
+        // A new epoch under the subscription: it ends with 112.
+        hub.fan_out(&channel, generation, publication("e2", 1));
+        assert_eq!(written(&q), vec!["lost 7"]);
+        assert_eq!(metrics.resubscribe_requests.get(), 1);
+        assert_eq!(metrics.subscriptions.get(), 0);
+        assert!(!hub.has_channel(&channel), "its last subscriber is gone");
+    }
+
+    #[actix_rt::test]
+    async fn a_gap_holds_newer_arrivals_until_history_fills_it() {
+        let (hub, metrics) = hub().await;
+        let channel = ChannelName::parse("chat:a").expect("channel");
+        let (q1, q2) = (queue(), queue());
+        let policies = [
+            (1, &q1, SlowConsumerPolicy::Conflate),
+            (2, &q2, SlowConsumerPolicy::Disconnect),
+        ];
+        for (conn, q, policy) in policies {
+            hub.add_pending(&channel, conn, q.clone(), Encoding::MsgPack, conn, policy)
+                .expect("added");
+            hub.activate(&channel, conn, None, pos("e1", 4))
+                .expect("activated");
+        }
+        let generation = generation(&hub, &channel);
+        hub.fan_out(&channel, generation, publication("e1", 7));
+        hub.fan_out(&channel, generation, publication("e1", 8));
+        assert!(written(&q1).is_empty(), "held while the gap is filled");
+        let id = repair_id(&hub, &channel).expect("repairing");
+        let reply = RecoverReply {
+            offset: 7,
+            epoch: "e1".into(),
+            recovered: true,
+            pubs: (5..=7).map(|o| publication("e1", o)).collect(),
+        };
+        hub.finish_repair(&channel, generation, id, Ok(reply));
+        // In order after the gap; the conflating subscriber (not reading
+        // meanwhile) has only the newest waiting.
+        assert_eq!(written(&q1), vec!["8"]);
+        assert_eq!(written(&q2), vec!["5", "6", "7", "8"]);
+        assert_eq!(metrics.gaps_filled.get(), 1);
+        assert_eq!(metrics.refilled_publications.get(), 3);
+
+        // A gap broadcast cannot fill: whoever is behind gets 112.
+        hub.fan_out(&channel, generation, publication("e1", 12));
+        let id = repair_id(&hub, &channel).expect("repairing");
+        let reply = RecoverReply {
+            offset: 12,
+            epoch: "e1".into(),
+            recovered: false,
+            pubs: Vec::new(),
+        };
+        hub.finish_repair(&channel, generation, id, Ok(reply));
+        assert_eq!(written(&q1), vec!["lost 1"]);
+        assert_eq!(written(&q2), vec!["lost 2"]);
+        assert_eq!(metrics.gap_repairs_failed.get(), 1);
+        assert_eq!(metrics.resubscribe_requests.get(), 2);
+    }
+
+    #[actix_rt::test]
+    async fn too_many_arrivals_during_a_repair_abandon_it() {
+        let (hub, metrics) = hub().await;
+        let channel = ChannelName::parse("chat:a").expect("channel");
+        let q = queue();
+        hub.add_pending(
+            &channel,
+            1,
+            q.clone(),
+            Encoding::MsgPack,
+            3,
+            SlowConsumerPolicy::Auto,
+        )
+        .expect("added");
+        hub.activate(&channel, 1, None, pos("e1", 0))
+            .expect("activated");
+        let generation = generation(&hub, &channel);
+        // The hub holds 100 at most (its max_pending).
+        for offset in 2..=102 {
+            hub.fan_out(&channel, generation, publication("e1", offset));
+        }
+        assert_eq!(written(&q), vec!["lost 3"]);
+        assert_eq!(repair_id(&hub, &channel), None);
+        assert_eq!(metrics.gap_repairs_failed.get(), 1);
+    }
 }

@@ -10,7 +10,8 @@
 //!   on new connections.
 //! - [`presence`]: this node's share of presence and its join/leave batches;
 //!   [`node`]: heartbeat, flushes, session events and kicks.
-//! - [`http_api`] serves `/api/*` for backend services.
+//! - [`http_api`] serves `/api/*` for backend services; [`demo`], the demo
+//!   app (chat and ops dashboard) at `/`.
 //!
 //! [`run`] starts it inside the current actix system: one actix worker per
 //! core (configurable) and a runtime-lag probe on each.
@@ -18,6 +19,7 @@
 pub mod admission;
 pub mod commands;
 pub mod connection;
+pub mod demo;
 pub mod errors;
 pub mod http_api;
 pub mod hub;
@@ -68,6 +70,7 @@ pub struct GatewayHandle {
     server: actix_web::dev::ServerHandle,
     app: Arc<AppState>,
     tasks: NodeTasks,
+    _stats: rt_shared::stats::StatsPublisher,
 }
 
 impl GatewayHandle {
@@ -141,6 +144,14 @@ pub async fn run(config: Config) -> Result<GatewayHandle, GatewayError> {
         metrics.clone(),
         config.gateway.max_pending_while_subscribing,
     );
+    hub.watch_nats(
+        common
+            .nats_events
+            .get_or_create(&rt_shared::metrics::EventLabel {
+                event: "slow_consumer",
+            })
+            .clone(),
+    );
     let app = Arc::new(AppState::new(
         config.clone(),
         hub,
@@ -155,12 +166,13 @@ pub async fn run(config: Config) -> Result<GatewayHandle, GatewayError> {
     };
     let ops = OpsState {
         health: health.clone(),
-        metrics: registry,
+        metrics: registry.clone(),
     };
     // The main thread runs the NATS connection's tasks: probe it too, and
     // let it report the process's memory.
     lag::spawn_probe("main", common.clone(), true);
     let factory_app = app.clone();
+    let demo = config.gateway.demo;
     let server = HttpServer::new(move || {
         // The factory runs once per worker thread: give each worker its probe.
         if !PROBE_STARTED.replace(true) {
@@ -173,6 +185,7 @@ pub async fn run(config: Config) -> Result<GatewayHandle, GatewayError> {
             .configure(|cfg| rt_shared::health::configure(cfg, ops))
             .configure(http_api::configure)
             .route("/ws", web::get().to(ws_route::ws_route))
+            .configure(|cfg| demo::configure(cfg, demo))
     })
     .workers(workers)
     // Real-time frames are small: never let Nagle hold one back waiting for an ACK.
@@ -206,6 +219,14 @@ pub async fn run(config: Config) -> Result<GatewayHandle, GatewayError> {
         }
     }
     let tasks = node::start(app.clone()).await?;
+    let stats = rt_shared::stats::spawn_publisher(
+        &config,
+        app.bus.clone(),
+        registry,
+        "gateway",
+        Some(&node),
+        rt_shared::stats::GATEWAY,
+    );
     health.set_warmed();
     tracing::info!(%addr, node, workers, nats = %config.nats.url, "gateway ready");
     Ok(GatewayHandle {
@@ -213,5 +234,6 @@ pub async fn run(config: Config) -> Result<GatewayHandle, GatewayError> {
         server: handle,
         app,
         tasks,
+        _stats: stats,
     })
 }

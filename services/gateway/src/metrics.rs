@@ -42,6 +42,32 @@ pub struct GatewayMetrics {
     pub session_events_dropped: Counter,
     pub kicked: Counter,
     pub token_expired: Counter,
+    /// Publications a conflating connection skipped (a newer one of the same channel replaced them).
+    pub conflated: Counter,
+    /// Connections switching their `auto` subscriptions to conflation and back.
+    pub conflation_switches: Family<DirectionLabel, Counter>,
+    /// Times this node asked broadcast to fill a gap it missed (or may have).
+    pub gap_repairs: Family<ReasonLabel, Counter>,
+    /// Repairs that delivered missed publications from history.
+    pub gaps_filled: Counter,
+    /// Publications delivered from history by repairs.
+    pub refilled_publications: Counter,
+    /// Repairs that could not fill (not in history, new epoch, no answer, buffer full).
+    pub gap_repairs_failed: Counter,
+    /// `unsubscribed` pushes with code 112 (the subscriber must resubscribe with `since`).
+    pub resubscribe_requests: Counter,
+}
+
+/// Label `direction`: `on` or `off`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+/// Label `reason`: what made the node check a channel (`gap`, `reconnect`, `slow_consumer`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
 }
 
 /// Label `result`: `ok` or `error`.
@@ -76,6 +102,13 @@ impl GatewayMetrics {
             session_events_dropped: Counter::default(),
             kicked: Counter::default(),
             token_expired: Counter::default(),
+            conflated: Counter::default(),
+            conflation_switches: Family::default(),
+            gap_repairs: Family::default(),
+            gaps_filled: Counter::default(),
+            refilled_publications: Counter::default(),
+            gap_repairs_failed: Counter::default(),
+            resubscribe_requests: Counter::default(),
         };
         registry.register(
             "rt_gateway_connections",
@@ -191,6 +224,41 @@ impl GatewayMetrics {
             "rt_gateway_token_expired",
             "Connections closed because their token expired (4003)",
             m.token_expired.clone(),
+        );
+        registry.register(
+            "rt_gateway_conflated",
+            "Publications skipped for a conflating client (a newer one of the channel replaced them)",
+            m.conflated.clone(),
+        );
+        registry.register(
+            "rt_gateway_conflation_switches",
+            "Connections switching their auto-policy subscriptions to conflation (on) and back (off)",
+            m.conflation_switches.clone(),
+        );
+        registry.register(
+            "rt_gateway_gap_repairs",
+            "Requests to broadcast for publications this node missed or may have missed, by reason",
+            m.gap_repairs.clone(),
+        );
+        registry.register(
+            "rt_gateway_gaps_filled",
+            "Gaps this node filled from history before delivering newer publications",
+            m.gaps_filled.clone(),
+        );
+        registry.register(
+            "rt_gateway_refilled_publications",
+            "Publications delivered from history to fill gaps",
+            m.refilled_publications.clone(),
+        );
+        registry.register(
+            "rt_gateway_gap_repairs_failed",
+            "Gap repairs that could not fill (outside history, new epoch, no answer, buffer full)",
+            m.gap_repairs_failed.clone(),
+        );
+        registry.register(
+            "rt_gateway_resubscribe_requests",
+            "Subscriptions ended with an unsubscribed push, code 112 (resubscribe with since)",
+            m.resubscribe_requests.clone(),
         );
         m
     }

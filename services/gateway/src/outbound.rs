@@ -8,11 +8,31 @@
 //! up to `max_batch_bytes`: under load a client gets fewer, larger frames;
 //! when idle each message goes out alone at once.
 //!
-//! The bound's policy: when a push would pass `limit` bytes, the queue is
+//! Publications are queued with the subscription they belong to (its token
+//! on this connection) and its namespace's slow-consumer policy; the frame is
+//! the one shared by every subscriber of the node (a `Bytes` clone, never a
+//! copy). That is what conflation needs and all it needs:
+//!
+//! - `conflate`: a publication whose subscription already has one queued,
+//!   not yet written, takes that one's place (same slot, so it is not pushed
+//!   back behind what was queued since); the older one is skipped and the
+//!   client sees an offset jump.
+//! - `auto`: everything is queued while the queue stays under the high mark
+//!   (`gateway.auto_conflate_threshold_bytes`); past it the connection
+//!   conflates its `auto` subscriptions as above, until the writer drains it
+//!   under the low mark (`gateway.auto_conflate_low_water_bytes`).
+//! - `disconnect`: never conflated.
+//!
+//! The bound (`limit` bytes) counts everything queued. When a message would
+//! pass it, the queue first drops every conflatable publication that is not
+//! its subscription's newest (`auto` ones queued before conflation began); if
+//! it still does not fit — non-conflatable messages, or the newest
+//! publication of every conflated channel, fill the bound — the queue is
 //! dropped and the connection closes with 4004 (slow consumer); the client
-//! reconnects and recovers from history.
+//! reconnects and recovers from history. A conflating client therefore never
+//! costs more than the bound either.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
@@ -20,8 +40,12 @@ use std::task::{Context, Poll, Waker};
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use futures_util::Stream;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use rt_proto::CloseCode;
+use rt_shared::config::{GatewayConfig, SlowConsumerPolicy};
+
+use crate::metrics::{DirectionLabel, GatewayMetrics};
 
 /// One encoded message, in the connection's frame type.
 #[derive(Debug, Clone)]
@@ -41,12 +65,23 @@ impl Frame {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    fn is_binary(&self) -> bool {
+        matches!(self, Frame::Binary(_))
+    }
 }
 
 /// What the actor takes off the queue.
 #[derive(Debug)]
 pub enum Outgoing {
     Frame(Frame),
+    /// The server ended subscription `token` of `channel` (it could not keep
+    /// it consistent): forget it, then write `frame` (the `unsubscribed` push).
+    Lost {
+        channel: String,
+        token: u64,
+        frame: Frame,
+    },
     /// Close the socket with this code and reason (after everything queued before it).
     Close(CloseCode, String),
 }
@@ -54,11 +89,73 @@ pub enum Outgoing {
 /// Result of queueing a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
+    /// Queued (for a publication: possibly in the place of an older one of its channel).
     Queued,
     /// This push passed the bound: the queue was dropped and the connection is closing with 4004.
     Overflowed,
     /// The connection is closing or closed; the message was discarded.
     Closed,
+}
+
+/// The queue's sizes, from the gateway config.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Bytes queued at most.
+    pub limit: usize,
+    /// Largest coalesced frame.
+    pub max_batch: usize,
+    /// Past this many queued bytes, `auto` subscriptions conflate.
+    pub auto_on: usize,
+    /// At or under this many, they deliver everything again.
+    pub auto_off: usize,
+}
+
+impl Bounds {
+    pub fn from_config(config: &GatewayConfig) -> Self {
+        let limit = config.outbound_buffer_bytes;
+        let auto_on = match config.auto_conflate_threshold_bytes {
+            0 => limit / 2,
+            n => n,
+        };
+        let auto_off = match config.auto_conflate_low_water_bytes {
+            0 => auto_on / 4,
+            n => n,
+        };
+        Self {
+            limit,
+            max_batch: config.max_batch_bytes.max(1),
+            auto_on,
+            auto_off,
+        }
+    }
+}
+
+/// The gateway-wide counters every queue updates.
+#[derive(Clone, Default)]
+pub struct QueueMetrics {
+    /// Bytes queued across all connections.
+    pub buffered_bytes: Gauge,
+    /// Publications skipped by conflation.
+    pub conflated: Counter,
+    pub switched_on: Counter,
+    pub switched_off: Counter,
+}
+
+impl QueueMetrics {
+    pub fn new(metrics: &GatewayMetrics) -> Self {
+        let switches = |direction| {
+            metrics
+                .conflation_switches
+                .get_or_create(&DirectionLabel { direction })
+                .clone()
+        };
+        Self {
+            buffered_bytes: metrics.outbound_bytes.clone(),
+            conflated: metrics.conflated.clone(),
+            switched_on: switches("on"),
+            switched_off: switches("off"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -70,38 +167,133 @@ enum State {
     Done,
 }
 
+#[derive(Debug)]
+enum Item {
+    /// A reply or a push that is not a publication: never conflated.
+    Message(Frame),
+    /// A publication of subscription `sub`.
+    Pub {
+        sub: u64,
+        policy: SlowConsumerPolicy,
+        frame: Frame,
+    },
+    /// The end of a subscription, with its `unsubscribed` push.
+    Lost {
+        channel: String,
+        token: u64,
+        frame: Frame,
+    },
+}
+
+impl Item {
+    fn frame(&self) -> &Frame {
+        match self {
+            Item::Message(frame) | Item::Pub { frame, .. } | Item::Lost { frame, .. } => frame,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.frame().len()
+    }
+
+    /// The subscription of a publication that conflation may skip.
+    fn conflatable_sub(&self) -> Option<u64> {
+        match self {
+            Item::Pub { sub, policy, .. } if *policy != SlowConsumerPolicy::Disconnect => {
+                Some(*sub)
+            }
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Increasing in queue order, so an entry is found by binary search.
+    seq: u64,
+    item: Item,
+}
+
 struct Inner {
-    frames: VecDeque<Frame>,
+    items: VecDeque<Entry>,
+    next_seq: u64,
     bytes: usize,
+    /// The newest queued publication (its `seq`) of each subscription whose
+    /// policy allows conflation.
+    newest: HashMap<u64, u64>,
+    /// Queued conflatable publications that are not their subscription's newest.
+    stale: usize,
+    /// An `auto` publication was ever queued here.
+    has_auto: bool,
+    /// `auto` subscriptions are being conflated.
+    auto_conflating: bool,
     state: State,
     waker: Option<Waker>,
 }
 
+impl Inner {
+    fn position(&self, seq: u64) -> Option<usize> {
+        self.items.binary_search_by_key(&seq, |e| e.seq).ok()
+    }
+
+    /// Bookkeeping for an entry leaving the queue (written or dropped).
+    fn forget(&mut self, entry: &Entry) {
+        if let Some(sub) = entry.item.conflatable_sub() {
+            if self.newest.get(&sub) == Some(&entry.seq) {
+                self.newest.remove(&sub);
+            } else {
+                self.stale = self.stale.saturating_sub(1);
+            }
+        }
+    }
+}
+
 pub struct Outbound {
     inner: Mutex<Inner>,
-    limit: usize,
-    max_batch: usize,
-    /// Gateway-wide queued bytes.
-    total_bytes: Gauge,
+    bounds: Bounds,
+    metrics: QueueMetrics,
 }
 
 impl Outbound {
-    pub fn new(limit: usize, max_batch: usize, total_bytes: Gauge) -> Arc<Self> {
+    pub fn new(bounds: Bounds, metrics: QueueMetrics) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Inner {
-                frames: VecDeque::new(),
+                items: VecDeque::new(),
+                next_seq: 0,
                 bytes: 0,
+                newest: HashMap::new(),
+                stale: 0,
+                has_auto: false,
+                auto_conflating: false,
                 state: State::Open,
                 waker: None,
             }),
-            limit,
-            max_batch: max_batch.max(1),
-            total_bytes,
+            bounds: Bounds {
+                max_batch: bounds.max_batch.max(1),
+                ..bounds
+            },
+            metrics,
         })
     }
 
-    /// Queues a message, enforcing the byte bound.
+    /// Queues a reply or a push that is not a publication (never conflated).
     pub fn push(&self, frame: Frame) -> Push {
+        self.enqueue(Item::Message(frame))
+    }
+
+    /// Queues the `unsubscribed` push that ends subscription `token` of
+    /// `channel`; the actor forgets the subscription when it writes it.
+    pub fn push_lost(&self, channel: &str, token: u64, frame: Frame) -> Push {
+        self.enqueue(Item::Lost {
+            channel: channel.to_owned(),
+            token,
+            frame,
+        })
+    }
+
+    /// Queues a publication of subscription `sub` (the subscription's token
+    /// on this connection), conflating by `policy`.
+    pub fn push_pub(&self, sub: u64, policy: SlowConsumerPolicy, frame: Frame) -> Push {
         let Ok(mut inner) = self.inner.lock() else {
             return Push::Closed;
         };
@@ -109,17 +301,127 @@ impl Outbound {
             return Push::Closed;
         }
         let len = frame.len();
-        if inner.bytes + len > self.limit {
-            self.discard(&mut inner);
-            inner.state = State::Closing(CloseCode::SLOW_CONSUMER, "slow consumer".into());
-            wake(&mut inner);
-            return Push::Overflowed;
+        if policy == SlowConsumerPolicy::Auto {
+            inner.has_auto = true;
         }
-        inner.bytes += len;
-        inner.frames.push_back(frame);
-        self.total_bytes.inc_by(as_i64(len));
+        self.note_growth(&mut inner, len);
+        let conflate = match policy {
+            SlowConsumerPolicy::Disconnect => false,
+            SlowConsumerPolicy::Conflate => true,
+            SlowConsumerPolicy::Auto => inner.auto_conflating,
+        };
+        let target = if conflate {
+            inner.newest.get(&sub).copied()
+        } else {
+            None
+        };
+        let freed = target
+            .and_then(|seq| inner.position(seq))
+            .map_or(0, |i| inner.items[i].item.len());
+        if !self.make_room(&mut inner, len, freed) {
+            return self.overflow(&mut inner);
+        }
+        // A compaction keeps each subscription's newest: the target is still there.
+        match target.and_then(|seq| inner.position(seq)) {
+            Some(index) => {
+                let entry = &mut inner.items[index];
+                entry.item = Item::Pub { sub, policy, frame };
+                inner.bytes = inner.bytes - freed + len;
+                self.metrics.buffered_bytes.inc_by(as_i64(len));
+                self.metrics.buffered_bytes.dec_by(as_i64(freed));
+                self.metrics.conflated.inc();
+            }
+            None => {
+                let seq = self.append(&mut inner, Item::Pub { sub, policy, frame });
+                if policy != SlowConsumerPolicy::Disconnect
+                    && inner.newest.insert(sub, seq).is_some()
+                {
+                    inner.stale += 1;
+                }
+            }
+        }
         wake(&mut inner);
         Push::Queued
+    }
+
+    fn enqueue(&self, item: Item) -> Push {
+        let Ok(mut inner) = self.inner.lock() else {
+            return Push::Closed;
+        };
+        if !matches!(inner.state, State::Open) {
+            return Push::Closed;
+        }
+        let len = item.len();
+        self.note_growth(&mut inner, len);
+        if !self.make_room(&mut inner, len, 0) {
+            return self.overflow(&mut inner);
+        }
+        self.append(&mut inner, item);
+        wake(&mut inner);
+        Push::Queued
+    }
+
+    fn append(&self, inner: &mut Inner, item: Item) -> u64 {
+        let seq = inner.next_seq;
+        inner.next_seq += 1;
+        inner.bytes += item.len();
+        self.metrics.buffered_bytes.inc_by(as_i64(item.len()));
+        inner.items.push_back(Entry { seq, item });
+        seq
+    }
+
+    /// Switches `auto` conflation on when the queue is about to pass the high mark.
+    fn note_growth(&self, inner: &mut Inner, len: usize) {
+        if inner.has_auto && !inner.auto_conflating && inner.bytes + len > self.bounds.auto_on {
+            inner.auto_conflating = true;
+            self.metrics.switched_on.inc();
+        }
+    }
+
+    /// Whether `len` more bytes fit once `freed` are released, after
+    /// dropping what conflation may drop if they do not.
+    fn make_room(&self, inner: &mut Inner, len: usize, freed: usize) -> bool {
+        let fits = |inner: &Inner| inner.bytes - freed + len <= self.bounds.limit;
+        if fits(inner) {
+            return true;
+        }
+        self.compact(inner);
+        fits(inner)
+    }
+
+    /// Drops every conflatable publication that is not its subscription's newest.
+    fn compact(&self, inner: &mut Inner) {
+        if inner.stale == 0 {
+            return;
+        }
+        let Inner {
+            items,
+            newest,
+            bytes,
+            stale,
+            ..
+        } = inner;
+        let mut dropped = 0u64;
+        let mut dropped_bytes = 0usize;
+        items.retain(|entry| match entry.item.conflatable_sub() {
+            Some(sub) if newest.get(&sub) != Some(&entry.seq) => {
+                dropped += 1;
+                dropped_bytes += entry.item.len();
+                false
+            }
+            _ => true,
+        });
+        *bytes -= dropped_bytes;
+        *stale = 0;
+        self.metrics.buffered_bytes.dec_by(as_i64(dropped_bytes));
+        self.metrics.conflated.inc_by(dropped);
+    }
+
+    fn overflow(&self, inner: &mut Inner) -> Push {
+        self.discard(inner);
+        inner.state = State::Closing(CloseCode::SLOW_CONSUMER, "slow consumer".into());
+        wake(inner);
+        Push::Overflowed
     }
 
     /// Drops what is queued and closes with `code` at once (a bound was hit).
@@ -158,8 +460,10 @@ impl Outbound {
     }
 
     fn discard(&self, inner: &mut Inner) {
-        self.total_bytes.dec_by(as_i64(inner.bytes));
-        inner.frames.clear();
+        self.metrics.buffered_bytes.dec_by(as_i64(inner.bytes));
+        inner.items.clear();
+        inner.newest.clear();
+        inner.stale = 0;
         inner.bytes = 0;
     }
 
@@ -167,20 +471,35 @@ impl Outbound {
         let Ok(mut inner) = self.inner.lock() else {
             return Poll::Ready(None);
         };
-        if let Some(first) = inner.frames.pop_front() {
-            let mut taken = first.len();
-            let frame = if inner
-                .frames
-                .front()
-                .is_some_and(|next| taken + next.len() <= self.max_batch)
-            {
-                self.coalesce(&mut inner, first, &mut taken)
-            } else {
-                first
+        if let Some(first) = inner.items.pop_front() {
+            inner.forget(&first);
+            let taken = first.item.len();
+            let (outgoing, taken) = match first.item {
+                Item::Lost {
+                    channel,
+                    token,
+                    frame,
+                } => (
+                    Outgoing::Lost {
+                        channel,
+                        token,
+                        frame,
+                    },
+                    taken,
+                ),
+                Item::Message(frame) | Item::Pub { frame, .. } => {
+                    let mut taken = taken;
+                    let frame = self.coalesce(&mut inner, frame, &mut taken);
+                    (Outgoing::Frame(frame), taken)
+                }
             };
             inner.bytes -= taken;
-            self.total_bytes.dec_by(as_i64(taken));
-            return Poll::Ready(Some(Outgoing::Frame(frame)));
+            self.metrics.buffered_bytes.dec_by(as_i64(taken));
+            if inner.auto_conflating && inner.bytes <= self.bounds.auto_off {
+                inner.auto_conflating = false;
+                self.metrics.switched_off.inc();
+            }
+            return Poll::Ready(Some(outgoing));
         }
         match std::mem::replace(&mut inner.state, State::Done) {
             State::Open => {
@@ -193,34 +512,50 @@ impl Outbound {
         }
     }
 
-    /// Joins queued messages into one frame (MessagePack back to back, JSON
-    /// one per line), up to `max_batch` bytes.
+    /// Joins the queued messages that follow `first` into one frame
+    /// (MessagePack back to back, JSON one per line), up to `max_batch`
+    /// bytes; an `unsubscribed` that ends a subscription goes alone.
     fn coalesce(&self, inner: &mut Inner, first: Frame, taken: &mut usize) -> Frame {
+        let binary = first.is_binary();
+        let joinable = |inner: &Inner, taken: usize| {
+            inner.items.front().is_some_and(|next| {
+                !matches!(next.item, Item::Lost { .. })
+                    && next.item.frame().is_binary() == binary
+                    && taken + next.item.len() <= self.bounds.max_batch
+            })
+        };
+        if !joinable(inner, *taken) {
+            return first;
+        }
         match first {
             Frame::Binary(first) => {
-                let mut buf = BytesMut::with_capacity(self.max_batch);
+                let mut buf = BytesMut::with_capacity(self.bounds.max_batch);
                 buf.extend_from_slice(&first);
-                while let Some(Frame::Binary(next)) = inner.frames.front() {
-                    if *taken + next.len() > self.max_batch {
+                while joinable(inner, *taken) {
+                    let Some(next) = inner.items.pop_front() else {
                         break;
+                    };
+                    inner.forget(&next);
+                    *taken += next.item.len();
+                    if let Frame::Binary(bytes) = next.item.frame() {
+                        buf.extend_from_slice(bytes);
                     }
-                    *taken += next.len();
-                    buf.extend_from_slice(next);
-                    inner.frames.pop_front();
                 }
                 Frame::Binary(buf.freeze())
             }
             Frame::Text(first) => {
-                let mut text = String::with_capacity(self.max_batch);
+                let mut text = String::with_capacity(self.bounds.max_batch);
                 text.push_str(&first);
-                while let Some(Frame::Text(next)) = inner.frames.front() {
-                    if *taken + next.len() > self.max_batch {
+                while joinable(inner, *taken) {
+                    let Some(next) = inner.items.pop_front() else {
                         break;
+                    };
+                    inner.forget(&next);
+                    *taken += next.item.len();
+                    if let Frame::Text(line) = next.item.frame() {
+                        text.push('\n');
+                        text.push_str(line);
                     }
-                    *taken += next.len();
-                    text.push('\n');
-                    text.push_str(next);
-                    inner.frames.pop_front();
                 }
                 Frame::Text(ByteString::from(text))
             }
@@ -252,14 +587,41 @@ impl Stream for OutboundStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use SlowConsumerPolicy::{Auto, Conflate, Disconnect};
     use futures_util::StreamExt as _;
 
+    fn bounds(limit: usize, max_batch: usize) -> Bounds {
+        Bounds {
+            limit,
+            max_batch,
+            auto_on: limit / 2,
+            auto_off: limit / 8,
+        }
+    }
+
     fn queue(limit: usize, batch: usize) -> Arc<Outbound> {
-        Outbound::new(limit, batch, Gauge::default())
+        Outbound::new(bounds(limit, batch), QueueMetrics::default())
     }
 
     fn bin(n: usize) -> Frame {
-        Frame::Binary(Bytes::from(vec![7u8; n]))
+        tagged(7, n)
+    }
+
+    /// A frame of `n` bytes, all `tag`, to tell frames apart once written.
+    fn tagged(tag: u8, n: usize) -> Frame {
+        Frame::Binary(Bytes::from(vec![tag; n]))
+    }
+
+    /// Everything queued, one frame each (the tests use `max_batch` 1), as (tag, len).
+    fn drain(q: &Arc<Outbound>) -> Vec<(u8, usize)> {
+        let mut out = Vec::new();
+        while q.queued_bytes() > 0 {
+            match OutboundStream(q.clone()).next().now_or_never_ready() {
+                Some(Outgoing::Frame(Frame::Binary(b))) => out.push((b[0], b.len())),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        out
     }
 
     #[actix_rt::test]
@@ -283,7 +645,11 @@ mod tests {
     async fn json_batches_are_lines() {
         let q = queue(1000, 100);
         q.push(Frame::Text(ByteString::from_static("{\"a\":1}")));
-        q.push(Frame::Text(ByteString::from_static("{\"b\":2}")));
+        q.push_pub(
+            1,
+            Conflate,
+            Frame::Text(ByteString::from_static("{\"b\":2}")),
+        );
         let mut stream = OutboundStream(q);
         match stream.next().now_or_never_ready() {
             Some(Outgoing::Frame(Frame::Text(t))) => assert_eq!(&*t, "{\"a\":1}\n{\"b\":2}"),
@@ -293,13 +659,17 @@ mod tests {
 
     #[actix_rt::test]
     async fn overflow_drops_the_queue_and_closes_with_4004() {
-        let total = Gauge::default();
-        let q = Outbound::new(10, 10, total.clone());
+        let metrics = QueueMetrics::default();
+        let q = Outbound::new(bounds(10, 10), metrics.clone());
         assert_eq!(q.push(bin(6)), Push::Queued);
-        assert_eq!(total.get(), 6);
-        assert_eq!(q.push(bin(6)), Push::Overflowed);
+        assert_eq!(metrics.buffered_bytes.get(), 6);
+        assert_eq!(q.push_pub(1, Disconnect, bin(6)), Push::Overflowed);
         assert_eq!(q.push(bin(1)), Push::Closed);
-        assert_eq!(total.get(), 0, "dropped bytes are released");
+        assert_eq!(
+            metrics.buffered_bytes.get(),
+            0,
+            "dropped bytes are released"
+        );
         let mut stream = OutboundStream(q);
         match stream.next().now_or_never_ready() {
             Some(Outgoing::Close(code, _)) => assert_eq!(code, CloseCode::SLOW_CONSUMER),
@@ -321,6 +691,171 @@ mod tests {
         assert!(matches!(
             stream.next().now_or_never_ready(),
             Some(Outgoing::Close(CloseCode::DRAINING, _))
+        ));
+    }
+
+    #[actix_rt::test]
+    async fn conflation_replaces_the_queued_publication_in_its_place() {
+        let metrics = QueueMetrics::default();
+        let q = Outbound::new(bounds(1000, 1), metrics.clone());
+        q.push_pub(1, Conflate, tagged(1, 10));
+        q.push_pub(2, Conflate, tagged(2, 10));
+        q.push(tagged(9, 5));
+        q.push_pub(1, Conflate, tagged(3, 12));
+        q.push_pub(1, Conflate, tagged(4, 8));
+        assert_eq!(metrics.conflated.get(), 2);
+        assert_eq!(q.queued_bytes(), 8 + 10 + 5);
+        assert_eq!(metrics.buffered_bytes.get(), 23);
+        // Subscription 1's newest took its older one's slot, ahead of the reply.
+        assert_eq!(drain(&q), vec![(4, 8), (2, 10), (9, 5)]);
+        // Written: the next one of subscription 1 is queued, not conflated.
+        q.push_pub(1, Conflate, tagged(5, 1));
+        q.push_pub(2, Disconnect, tagged(6, 1));
+        q.push_pub(2, Disconnect, tagged(7, 1));
+        assert_eq!(drain(&q), vec![(5, 1), (6, 1), (7, 1)]);
+        assert_eq!(metrics.conflated.get(), 2);
+        assert_eq!(metrics.buffered_bytes.get(), 0);
+    }
+
+    #[actix_rt::test]
+    async fn a_conflating_client_stays_under_its_bound_and_open() {
+        let metrics = QueueMetrics::default();
+        let q = Outbound::new(bounds(100, 1), metrics.clone());
+        for round in 0..1_000u32 {
+            for sub in 0..4u64 {
+                let len = 5 + usize::try_from(round % 20).unwrap_or(0);
+                assert_eq!(
+                    q.push_pub(sub, Conflate, tagged(sub as u8, len)),
+                    Push::Queued
+                );
+                assert!(q.queued_bytes() <= 100);
+                assert!(metrics.buffered_bytes.get() <= 100);
+            }
+        }
+        assert_eq!(metrics.conflated.get(), 4 * 999);
+        let written = drain(&q);
+        assert_eq!(written.len(), 4, "one publication per channel: {written:?}");
+    }
+
+    #[actix_rt::test]
+    async fn replies_that_do_not_fit_next_to_conflated_channels_close_with_4004() {
+        let q = queue(100, 1);
+        for sub in 0..3 {
+            q.push_pub(sub, Conflate, bin(20));
+        }
+        assert_eq!(q.push(bin(30)), Push::Queued);
+        assert_eq!(q.push(bin(20)), Push::Overflowed);
+        assert_eq!(q.queued_bytes(), 0);
+    }
+
+    #[actix_rt::test]
+    async fn a_new_channel_that_does_not_fit_closes_with_4004() {
+        let q = queue(100, 1);
+        for sub in 0..4 {
+            q.push_pub(sub, Conflate, bin(25));
+        }
+        // Every queued publication is its channel's newest: nothing to skip.
+        assert_eq!(q.push_pub(9, Conflate, bin(1)), Push::Overflowed);
+    }
+
+    #[actix_rt::test]
+    async fn a_disconnect_publication_first_makes_auto_ones_conflate() {
+        let metrics = QueueMetrics::default();
+        let q = Outbound::new(
+            Bounds {
+                limit: 100,
+                max_batch: 1,
+                auto_on: 90,
+                auto_off: 10,
+            },
+            metrics.clone(),
+        );
+        // Under the high mark: every auto publication is kept.
+        for tag in 1..=8 {
+            q.push_pub(1, Auto, tagged(tag, 10));
+        }
+        assert_eq!(metrics.conflated.get(), 0);
+        // A disconnect-policy one that does not fit: the auto channel is
+        // cut to its newest first, and it fits.
+        assert_eq!(q.push_pub(2, Disconnect, tagged(20, 25)), Push::Queued);
+        assert_eq!(metrics.switched_on.get(), 1);
+        assert_eq!(metrics.conflated.get(), 7);
+        assert_eq!(q.queued_bytes(), 35);
+        assert_eq!(drain(&q), vec![(8, 10), (20, 25)]);
+        assert_eq!(metrics.switched_off.get(), 1);
+        // Disconnect-policy publications are never skipped: past the bound, 4004.
+        for _ in 0..4 {
+            q.push_pub(2, Disconnect, bin(25));
+        }
+        assert_eq!(q.push_pub(2, Disconnect, bin(1)), Push::Overflowed);
+    }
+
+    #[actix_rt::test]
+    async fn auto_delivers_everything_until_the_high_mark_then_conflates_until_drained() {
+        let metrics = QueueMetrics::default();
+        let q = Outbound::new(
+            Bounds {
+                limit: 1000,
+                max_batch: 1,
+                auto_on: 50,
+                auto_off: 20,
+            },
+            metrics.clone(),
+        );
+        for tag in 1..=5 {
+            q.push_pub(1, Auto, tagged(tag, 10));
+        }
+        assert_eq!(metrics.switched_on.get(), 0);
+        // 50 queued: the next passes the high mark and conflation starts.
+        q.push_pub(1, Auto, tagged(6, 10));
+        assert_eq!(metrics.switched_on.get(), 1);
+        assert_eq!(metrics.conflated.get(), 1, "6 took 5's place");
+        q.push_pub(1, Auto, tagged(7, 10));
+        q.push_pub(2, Auto, tagged(30, 10));
+        q.push_pub(2, Auto, tagged(31, 10));
+        assert_eq!(metrics.conflated.get(), 3);
+        assert_eq!(q.queued_bytes(), 60);
+        // Drain to the low mark: conflation stops.
+        let mut stream = OutboundStream(q.clone());
+        for _ in 0..4 {
+            assert!(matches!(
+                stream.next().now_or_never_ready(),
+                Some(Outgoing::Frame(_))
+            ));
+        }
+        assert_eq!(q.queued_bytes(), 20);
+        assert_eq!(metrics.switched_off.get(), 1);
+        q.push_pub(2, Auto, tagged(32, 10));
+        q.push_pub(2, Auto, tagged(33, 10));
+        assert_eq!(metrics.conflated.get(), 3);
+        assert_eq!(drain(&q), vec![(7, 10), (31, 10), (32, 10), (33, 10)]);
+    }
+
+    #[actix_rt::test]
+    async fn a_lost_subscription_goes_alone_after_what_preceded_it() {
+        let q = queue(1000, 1000);
+        q.push_pub(1, Conflate, bin(3));
+        q.push_lost("chat:a", 1, bin(4));
+        q.push(bin(5));
+        // The subscription's queued publication is written before it.
+        let mut stream = OutboundStream(q.clone());
+        assert!(matches!(
+            stream.next().now_or_never_ready(),
+            Some(Outgoing::Frame(f)) if f.len() == 3
+        ));
+        match stream.next().now_or_never_ready() {
+            Some(Outgoing::Lost {
+                channel,
+                token,
+                frame,
+            }) => {
+                assert_eq!((channel.as_str(), token, frame.len()), ("chat:a", 1, 4));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            stream.next().now_or_never_ready(),
+            Some(Outgoing::Frame(f)) if f.len() == 5
         ));
     }
 

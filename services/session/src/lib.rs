@@ -65,6 +65,7 @@ pub struct SessionHandle {
     health: Health,
     core: Arc<Core>,
     background: Vec<actix_rt::task::JoinHandle<()>>,
+    _stats: rt_shared::stats::StatsPublisher,
 }
 
 impl SessionHandle {
@@ -169,6 +170,14 @@ pub async fn run(config: Config) -> Result<SessionHandle, SessionError> {
         Ingest::new(ingest_core)
     });
     lag::spawn_probe("main", common, true);
+    let stats = rt_shared::stats::spawn_publisher(
+        &config,
+        bus,
+        registry,
+        "session",
+        None,
+        rt_shared::stats::SESSION,
+    );
     health.set_warmed();
     tracing::info!(%ops_addr, nats = %config.nats.url, "session ready");
     Ok(SessionHandle {
@@ -178,6 +187,7 @@ pub async fn run(config: Config) -> Result<SessionHandle, SessionError> {
         health,
         core,
         background,
+        _stats: stats,
     })
 }
 

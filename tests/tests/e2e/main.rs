@@ -8,12 +8,16 @@
 
 mod database;
 mod delivery;
+mod demo;
+mod failures;
 mod http_api;
 mod lifecycle;
+mod loss;
 mod presence;
 mod protocol;
 mod rpc;
 mod session;
+mod slow_consumers;
 
 use std::time::Duration;
 

@@ -327,7 +327,8 @@ async fn broadcast_missing_is_113_and_silent_is_114() {
 
     // A responder that never answers: the deadline gives 114.
     let nats = cluster.nats_client().await;
-    let _silent = nats.subscribe("rt.bc.history.>").await.expect("subscribe");
+    // (Gateways address broadcast by partition: rt.bc.p.<partition>.<op>.<channel>.)
+    let _silent = nats.subscribe("rt.bc.p.>").await.expect("subscribe");
     rt_tests::nats_sync(&nats).await;
     let reply = c.command("history", json!({"channel": "chat:a"})).await;
     assert_eq!(code(&reply), 114, "{reply}");

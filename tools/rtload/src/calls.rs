@@ -219,6 +219,7 @@ pub async fn measure(plan: &Plan) -> Result<report::CallsReport> {
         window,
         timeout: plan.timeout,
         flush_every: Duration::from_secs(1),
+        by_seq: false,
     });
     let permits = Arc::new(Semaphore::new(common.connect_concurrency.max(1)));
     eprintln!(
@@ -315,23 +316,7 @@ pub async fn measure(plan: &Plan) -> Result<report::CallsReport> {
     );
     let pacer_stop = Arc::new(AtomicBool::new(false));
     let unrouted = Arc::new(AtomicU64::new(0));
-    let deliver = {
-        let live = live.clone();
-        let unrouted = unrouted.clone();
-        move |tick: Tick| {
-            Live::add(&live.routed, 1);
-            if routes[spread.conn_of(tick.seq)].send(tick).is_err() {
-                // That connection's writer is gone (it keeps its queue until the end
-                // otherwise, even after its socket closed).
-                Live::add(&live.taken, 1);
-                Live::add(&live.failed, 1);
-                if window.contains(tick.seq) {
-                    Live::add(&unrouted, 1);
-                }
-            }
-            true
-        }
-    };
+    let deliver = router(routes, live.clone(), window, unrouted.clone())?;
     let mut pacer_done = pacer::spawn_with(schedule, window.end, pacer_stop.clone(), deliver)?;
     let mut cpu_start: Option<CpuSample> = None;
     let mut prev = Snapshot::take(&live);
@@ -421,6 +406,31 @@ pub async fn measure(plan: &Plan) -> Result<report::CallsReport> {
         unrouted: Live::get(&unrouted),
     };
     Ok(report::build(plan, window, &outcome, &col, generator))
+}
+
+/// The pacer's transport for request/reply load: send `n` goes to connection `n % N`'s
+/// writer ([`Spread`]). A send for a connection whose writer is gone ends at once as
+/// failed, and counts in `unrouted` when it is measured.
+pub fn router(
+    routes: Vec<mpsc::UnboundedSender<Tick>>,
+    live: Arc<Live>,
+    window: Window,
+    unrouted: Arc<AtomicU64>,
+) -> Result<impl FnMut(Tick) -> bool + Send + 'static> {
+    let spread = Spread::new(routes.len())?;
+    Ok(move |tick: Tick| {
+        Live::add(&live.routed, 1);
+        if routes[spread.conn_of(tick.seq)].send(tick).is_err() {
+            // That connection's writer is gone (it keeps its queue until the end otherwise,
+            // even after its socket closed).
+            Live::add(&live.taken, 1);
+            Live::add(&live.failed, 1);
+            if window.contains(tick.seq) {
+                Live::add(&unrouted, 1);
+            }
+        }
+        true
+    })
 }
 
 /// Counter values at one progress tick.

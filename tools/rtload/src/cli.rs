@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::clock::parse_duration;
-use crate::scenario::{fanout, idle, ping, rpc};
+use crate::scenario::{channels, fanout, idle, ping, rpc, storm};
 use crate::wire::Encoding;
 
 #[derive(Parser, Debug)]
@@ -35,6 +35,9 @@ pub enum Scenario {
     /// Many subscribers on one channel, paced publications: publish-to-deliver latency
     /// and delivery under fan-out.
     Fanout(fanout::Args),
+    /// Publish throughput and publish-to-deliver over one or many channels (closed loop
+    /// with --window, or open loop with --rate): the cost of sequencing and history.
+    Channels(channels::Args),
     /// Many connections pinging on one open-loop schedule: the gateway's responsiveness
     /// (ping round-trip time) under load.
     Ping(ping::Args),
@@ -44,6 +47,10 @@ pub enum Scenario {
     /// N connections held idle: the gateway's memory per connection (from /metrics or
     /// /proc/<pid>/status).
     Idle(idle::Args),
+    /// A reconnect storm: clients on gateway A reconnect with backoff when it is killed
+    /// and restarted (by bench/storm/run); time to recover, publications lost or
+    /// duplicated per client, 4007 refusals, and ping latency on gateway B meanwhile.
+    Storm(storm::Args),
 }
 
 /// Options every scenario takes.

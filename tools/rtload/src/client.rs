@@ -2,6 +2,7 @@
 //! encoding's subprotocol, and request/reply for the setup commands (`connect`,
 //! `subscribe`). After setup a scenario owns the raw stream and reads it its own way.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, http::header};
 
 use crate::error::Result;
-use crate::wire::{self, Bare, Encoding, OnChannel};
+use crate::wire::{self, Bare, Connect, ConnectOk, Encoding, OnChannel, Reply, Since};
 
 pub type Ws = WebSocketStream<TcpStream>;
 
@@ -24,25 +25,41 @@ pub type Ws = WebSocketStream<TcpStream>;
 pub struct SetupError {
     pub stage: &'static str,
     pub detail: String,
+    /// The close code, when the server closed the socket during setup (4007 overloaded...).
+    pub close_code: Option<u16>,
+    /// The server's `retry_after_ms`: from a `disconnect` push before the close, or from an
+    /// error reply.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl SetupError {
-    fn new(stage: &'static str, detail: impl fmt::Display) -> Self {
+    pub fn new(stage: &'static str, detail: impl fmt::Display) -> Self {
         SetupError {
             stage,
             detail: detail.to_string(),
+            close_code: None,
+            retry_after_ms: None,
         }
     }
 
+    /// The error code of the server's error reply, if that is what failed.
+    pub fn code(&self) -> Option<u32> {
+        let rest = self.detail.strip_prefix("error ")?;
+        rest.split(':').next()?.trim().parse().ok()
+    }
+
     /// The key this error is counted under: the stage, plus the error code if the server
-    /// answered with one.
+    /// answered with one, or the close code if it closed the socket.
     pub fn kind(&self) -> String {
-        match self.detail.strip_prefix("error ") {
-            Some(rest) => format!(
+        if let Some(rest) = self.detail.strip_prefix("error ") {
+            return format!(
                 "{} error {}",
                 self.stage,
                 rest.split(':').next().unwrap_or(rest)
-            ),
+            );
+        }
+        match self.close_code {
+            Some(code) => format!("{} closed {code}", self.stage),
             None => self.stage.to_string(),
         }
     }
@@ -96,6 +113,45 @@ impl Dialer {
     /// all of that took.
     pub async fn open(&self, index: usize) -> Result<(Conn, Duration), SetupError> {
         let started = Instant::now();
+        let mut conn = self.handshake(index).await?;
+        conn.call("connect", |id| Bare { id, op: "connect" })
+            .await?;
+        Ok((conn, started.elapsed()))
+    }
+
+    /// TCP + WebSocket handshake + an anonymous `connect` that resumes `session` (if any) and
+    /// subscribes to `subs` in the same round trip. Returns the connection, the time all of
+    /// that took, the reply (the session, and a SubResult or error per channel) and the
+    /// pushes that came with it (live publications may share the reply's frame).
+    pub async fn open_with(
+        &self,
+        index: usize,
+        session: Option<&str>,
+        subs: &BTreeMap<String, Since>,
+    ) -> Result<Opened, SetupError> {
+        let started = Instant::now();
+        let mut conn = self.handshake(index).await?;
+        let exchange = conn
+            .exchange("connect", |id| Connect {
+                id,
+                op: "connect",
+                session,
+                subs,
+            })
+            .await?;
+        let reply: Reply<ConnectOk> = wire::decode_as(self.encoding, &exchange.reply)
+            .map_err(|e| SetupError::new("connect", format!("undecodable reply: {e}")))?;
+        Ok(Opened {
+            conn,
+            connect: started.elapsed(),
+            reply: reply.ok,
+            before: exchange.before,
+            after: exchange.after,
+        })
+    }
+
+    /// TCP from the source address for `index`, then the WebSocket handshake.
+    async fn handshake(&self, index: usize) -> Result<Conn, SetupError> {
         let tcp = tokio::time::timeout(
             self.timeout,
             tcp_connect(self.server, self.source_for(index)),
@@ -123,15 +179,12 @@ impl Dialer {
             .await
             .map_err(|_| SetupError::new("handshake", "timed out"))?
             .map_err(|e| SetupError::new("handshake", e))?;
-        let mut conn = Conn {
+        Ok(Conn {
             ws,
             encoding: self.encoding,
             timeout: self.timeout,
             next_id: 1,
-        };
-        conn.call("connect", |id| Bare { id, op: "connect" })
-            .await?;
-        Ok((conn, started.elapsed()))
+        })
     }
 }
 
@@ -147,6 +200,25 @@ async fn tcp_connect(server: SocketAddr, source: Option<IpAddr>) -> std::io::Res
     let stream = socket.connect(server).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// A connection opened by [`Dialer::open_with`].
+pub struct Opened {
+    pub conn: Conn,
+    /// TCP + handshake + `connect` reply.
+    pub connect: Duration,
+    pub reply: ConnectOk,
+    /// Pushes received before the reply, and after it in the reply's frame, in order (each
+    /// one message, undecoded).
+    pub before: Vec<Vec<u8>>,
+    pub after: Vec<Vec<u8>>,
+}
+
+/// A command's `ok` reply and the pushes around it (see [`Conn::exchange`]).
+struct Exchange {
+    reply: Vec<u8>,
+    before: Vec<Vec<u8>>,
+    after: Vec<Vec<u8>>,
 }
 
 /// An open, `connect`ed WebSocket.
@@ -175,13 +247,27 @@ impl Conn {
         Ok((offset, started.elapsed()))
     }
 
-    /// Sends one command and waits for its reply (pushes arriving meanwhile are dropped:
-    /// during setup there are none rtload cares about). Returns `ok.offset` if any.
+    /// Sends one command and waits for its reply. Returns `ok.offset` if any.
     async fn call<T: serde::Serialize>(
         &mut self,
         stage: &'static str,
         build: impl FnOnce(u32) -> T,
     ) -> Result<Option<u64>, SetupError> {
+        let raw = self.exchange(stage, build).await?.reply;
+        let reply = wire::decode(self.encoding, &raw)
+            .map_err(|e| SetupError::new(stage, format!("undecodable reply: {e}")))?;
+        Ok(reply.ok.and_then(|ok| ok.offset))
+    }
+
+    /// Sends one command and waits for its reply; returns the reply message when it is `ok`,
+    /// with the pushes that arrived before it and those after it in the same frame (the
+    /// server batches: live publications may follow a reply in its frame). A `disconnect`
+    /// push's `retry_after_ms` is kept for the close that follows.
+    async fn exchange<T: serde::Serialize>(
+        &mut self,
+        stage: &'static str,
+        build: impl FnOnce(u32) -> T,
+    ) -> Result<Exchange, SetupError> {
         let id = self.next_id;
         self.next_id += 1;
         let message = self
@@ -190,39 +276,69 @@ impl Conn {
             .map_err(|e| SetupError::new(stage, e))?;
         let timeout = self.timeout;
         let exchange = async {
-            self.ws
-                .send(message)
-                .await
-                .map_err(|e| SetupError::new(stage, e))?;
+            let mut retry_after_ms = None;
+            let mut before = Vec::new();
+            let sent = self.ws.send(message).await;
             loop {
                 let frame = match self.ws.next().await {
                     Some(Ok(frame)) => frame,
-                    Some(Err(e)) => return Err(SetupError::new(stage, e)),
-                    None => return Err(SetupError::new(stage, "connection closed")),
+                    // A failed send is reported only now: the server may have closed with a
+                    // reason (4007 and its retry hint) that is still there to be read.
+                    Some(Err(e)) => return Err(SetupError::new(stage, sent.err().unwrap_or(e))),
+                    None => {
+                        let detail = sent
+                            .err()
+                            .map_or_else(|| "connection closed".to_string(), |e| e.to_string());
+                        return Err(SetupError::new(stage, detail));
+                    }
                 };
                 let bytes: &[u8] = match &frame {
                     Message::Binary(b) => b,
                     Message::Text(t) => t.as_bytes(),
                     Message::Close(c) => {
                         let code = c.as_ref().map_or(1005, |c| u16::from(c.code));
-                        return Err(SetupError::new(stage, format!("closed {code}")));
+                        return Err(SetupError {
+                            close_code: Some(code),
+                            retry_after_ms,
+                            ..SetupError::new(stage, format!("closed {code}"))
+                        });
                     }
                     _ => continue,
                 };
+                let mut found: Option<Vec<u8>> = None;
+                let mut after = Vec::new();
                 for part in wire::split_frame(self.encoding, bytes) {
-                    let reply = part
-                        .and_then(|m| wire::decode(self.encoding, m))
+                    let message = part
                         .map_err(|e| SetupError::new(stage, format!("undecodable reply: {e}")))?;
-                    if reply.id != Some(u64::from(id)) {
+                    let reply = wire::decode(self.encoding, message)
+                        .map_err(|e| SetupError::new(stage, format!("undecodable reply: {e}")))?;
+                    if reply.push.as_deref() == Some("disconnect") {
+                        retry_after_ms = reply.retry_after_ms.or(retry_after_ms);
+                    }
+                    if reply.push.is_some() {
+                        match found {
+                            Some(_) => after.push(message.to_vec()),
+                            None => before.push(message.to_vec()),
+                        }
+                        continue;
+                    }
+                    if found.is_some() || reply.id != Some(u64::from(id)) {
                         continue;
                     }
                     if let Some(err) = reply.error {
-                        return Err(SetupError::new(
-                            stage,
-                            format!("error {}: {}", err.code, err.message),
-                        ));
+                        return Err(SetupError {
+                            retry_after_ms: err.retry_after_ms,
+                            ..SetupError::new(stage, format!("error {}: {}", err.code, err.message))
+                        });
                     }
-                    return Ok(reply.ok.and_then(|ok| ok.offset));
+                    found = Some(message.to_vec());
+                }
+                if let Some(reply) = found {
+                    return Ok(Exchange {
+                        reply,
+                        before,
+                        after,
+                    });
                 }
             }
         };
@@ -315,6 +431,8 @@ mod tests {
     fn setup_errors_are_tallied_by_stage_and_code() {
         let e = SetupError::new("subscribe", "error 103: permission denied");
         assert_eq!(e.kind(), "subscribe error 103");
+        assert_eq!(e.code(), Some(103));
+        assert_eq!(SetupError::new("tcp", "refused").code(), None);
         assert_eq!(SetupError::new("tcp", "refused").kind(), "tcp");
     }
 }

@@ -6,6 +6,7 @@
 mod over_http;
 mod over_ws;
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +34,8 @@ pub enum Via {
 
 pub struct PublishSpec {
     pub via: Via,
-    pub channel: String,
+    /// Send `n` goes to `channels[n % channels.len()]` (never empty).
+    pub channels: Vec<String>,
     pub pad: String,
     pub http_base: String,
     pub api_key: String,
@@ -61,9 +63,18 @@ pub struct PubStats {
     pub lag: Hist,
     pub first_write: Option<Instant>,
     pub last_write: Option<Instant>,
-    /// Highest offset the server acknowledged (to find subscribers' missing tails).
-    pub max_offset: Option<u64>,
+    /// Highest offset the server acknowledged, by index in [`PublishSpec::channels`] (to
+    /// find subscribers' missing tails).
+    pub max_offsets: BTreeMap<usize, u64>,
     pub errors: Tally,
+}
+
+impl PublishSpec {
+    /// The index and name of the channel send `seq` goes to.
+    pub fn channel_of(&self, seq: u64) -> (usize, &str) {
+        let i = (seq % self.channels.len().max(1) as u64) as usize;
+        (i, self.channels.get(i).map_or("", String::as_str))
+    }
 }
 
 impl PubStats {
@@ -79,7 +90,7 @@ impl PubStats {
             lag: stats::new_hist(),
             first_write: None,
             last_write: None,
-            max_offset: None,
+            max_offsets: BTreeMap::new(),
             errors: Tally::default(),
         }
     }
@@ -98,7 +109,18 @@ impl PubStats {
         }
     }
 
-    fn on_ack(&mut self, tick: &Tick, outcome: Result<Option<u64>, String>, window: &Window) {
+    /// Highest offset acknowledged on any channel.
+    pub fn max_offset(&self) -> Option<u64> {
+        self.max_offsets.values().copied().max()
+    }
+
+    fn on_ack(
+        &mut self,
+        tick: &Tick,
+        channel: usize,
+        outcome: Result<Option<u64>, String>,
+        window: &Window,
+    ) {
         let measured = window.contains(tick.seq);
         match outcome {
             Ok(offset) => {
@@ -108,7 +130,8 @@ impl PubStats {
                     stats::record(&mut self.ack, us);
                 }
                 if let Some(offset) = offset {
-                    self.max_offset = self.max_offset.max(Some(offset));
+                    let max = self.max_offsets.entry(channel).or_default();
+                    *max = (*max).max(offset);
                 }
             }
             Err(kind) => {
@@ -135,7 +158,10 @@ impl PubStats {
             (a, b) => a.or(b),
         };
         self.last_write = self.last_write.max(o.last_write);
-        self.max_offset = self.max_offset.max(o.max_offset);
+        for (channel, offset) in o.max_offsets {
+            let max = self.max_offsets.entry(channel).or_default();
+            *max = (*max).max(offset);
+        }
         self.errors.merge(&o.errors);
     }
 }
@@ -150,7 +176,7 @@ impl PubStats {
         s.ok_measured = measured;
         s.first_write = Some(start);
         s.last_write = Some(start + last);
-        s.max_offset = Some(max_offset);
+        s.max_offsets.insert(0, max_offset);
         s
     }
 }
@@ -302,14 +328,15 @@ mod tests {
             } else {
                 Ok(Some(seq + 1))
             };
-            s.on_ack(&tick, outcome, &window());
+            s.on_ack(&tick, (seq % 2) as usize, outcome, &window());
         }
         assert_eq!((s.sent, s.sent_measured), (30, 10));
         assert_eq!((s.ok_measured, s.failed_measured, s.failed), (9, 1, 3));
         // seq 11..=19 were written more than 10 ms after their intended time
         assert_eq!(s.late_measured, 9);
         assert_eq!(s.lag.len(), 10);
-        assert_eq!(s.max_offset, Some(30));
+        assert_eq!(s.max_offset(), Some(30));
+        assert_eq!(s.max_offsets, BTreeMap::from([(0, 29), (1, 30)]));
         assert_eq!(s.errors.total(), 3);
         assert_eq!(s.last_write, Some(start + Duration::from_millis(19)));
     }
@@ -320,17 +347,19 @@ mod tests {
         let mut a = PubStats::new();
         a.sent = 5;
         a.first_write = Some(t0 + Duration::from_secs(1));
-        a.max_offset = Some(9);
+        a.max_offsets.insert(0, 9);
+        a.max_offsets.insert(1, 2);
         let mut b = PubStats::new();
         b.sent = 7;
         b.first_write = Some(t0);
         b.last_write = Some(t0 + Duration::from_secs(3));
         b.errors.add("publish http 503 code 113", 2);
+        b.max_offsets.insert(1, 4);
         a.merge(b);
         assert_eq!(a.sent, 12);
         assert_eq!(a.first_write, Some(t0));
         assert_eq!(a.last_write, Some(t0 + Duration::from_secs(3)));
-        assert_eq!(a.max_offset, Some(9));
+        assert_eq!(a.max_offsets, BTreeMap::from([(0, 9), (1, 4)]));
         assert_eq!(a.errors.total(), 2);
     }
 }

@@ -3,10 +3,12 @@
 //! flattened in), runs, prints its report and returns the exit code. To add one: a module
 //! here, a variant in [`crate::cli::Scenario`], an arm in [`run`].
 
+pub mod channels;
 pub mod fanout;
 pub mod idle;
 pub mod ping;
 pub mod rpc;
+pub mod storm;
 
 use std::process::ExitCode;
 
@@ -15,9 +17,11 @@ use crate::error::Result;
 
 pub async fn run(scenario: Scenario) -> Result<ExitCode> {
     match scenario {
+        Scenario::Channels(args) => channels::run(args).await,
         Scenario::Fanout(args) => fanout::run(args).await,
         Scenario::Ping(args) => ping::run(args).await,
         Scenario::Idle(args) => idle::run(args).await,
         Scenario::Rpc(args) => rpc::run(args).await,
+        Scenario::Storm(args) => storm::run(args).await,
     }
 }

@@ -80,6 +80,36 @@ impl Samples {
     }
 }
 
+/// Latency samples (µs) tagged with the schedule sequence number of the send they time,
+/// for reports that split a run into phases only known afterwards (before, during and
+/// after a reconnect storm): the schedule maps each number back to its intended time.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SeqSamples(Vec<(u64, u32)>);
+
+impl SeqSamples {
+    #[inline]
+    pub fn push(&mut self, seq: u64, us: u64) {
+        self.0.push((seq, us.min(MAX_RECORDED_US) as u32));
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn append(&mut self, other: &mut SeqSamples) {
+        self.0.append(&mut other.0);
+    }
+
+    /// Records the samples whose sequence number is in `range` into `h`.
+    pub fn record_range(&self, range: std::ops::Range<u64>, h: &mut Hist) {
+        for &(seq, us) in &self.0 {
+            if range.contains(&seq) {
+                record(h, u64::from(us));
+            }
+        }
+    }
+}
+
 /// Percentiles of a latency histogram, in milliseconds rounded to the microsecond.
 #[derive(Serialize, Clone, Copy, Debug, PartialEq)]
 pub struct Summary {
@@ -223,6 +253,24 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert_eq!(h.min(), 100);
         assert!(h.max() >= MAX_RECORDED_US);
+    }
+
+    #[test]
+    fn sequence_tagged_samples_split_by_range() {
+        let mut a = SeqSamples::default();
+        for seq in 0..10 {
+            a.push(seq, 100 * (seq + 1));
+        }
+        let mut b = SeqSamples::default();
+        b.push(10, u64::MAX);
+        a.append(&mut b);
+        assert_eq!((a.len(), b.len()), (11, 0));
+        let mut during = new_hist();
+        a.record_range(3..5, &mut during);
+        assert_eq!((during.len(), during.min(), during.max()), (2, 400, 500));
+        let mut after = new_hist();
+        a.record_range(10..u64::MAX, &mut after);
+        assert!(after.max() >= MAX_RECORDED_US);
     }
 
     #[test]

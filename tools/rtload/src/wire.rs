@@ -8,8 +8,10 @@
 mod stamp;
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -56,6 +58,28 @@ impl fmt::Display for Encoding {
 pub struct Bare {
     pub id: u32,
     pub op: &'static str,
+}
+
+/// `connect` with a session to resume and channels to subscribe to in the same round trip
+/// (PROTOCOL.md §1): `subs` maps each channel to the last position seen (`{offset,
+/// epoch}`: recover from there) or to `{}` (subscribe from now).
+#[derive(Serialize, Debug)]
+pub struct Connect<'a> {
+    pub id: u32,
+    pub op: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<&'a str>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub subs: &'a BTreeMap<String, Since>,
+}
+
+/// A position in a channel to recover from; both absent means "from now".
+#[derive(Serialize, Debug, Default, Clone, PartialEq, Eq)]
+pub struct Since {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
 }
 
 /// A command whose only argument is a channel (`subscribe`, `unsubscribe`).
@@ -119,6 +143,9 @@ pub struct Incoming<'a> {
     /// `code` of a `disconnect` or `unsubscribed` push.
     #[serde(default)]
     pub code: Option<u32>,
+    /// `retry_after_ms` of a `disconnect` push (4005 draining, 4007 overloaded).
+    #[serde(default, deserialize_with = "stamp::lenient_u64")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl Incoming<'_> {
@@ -145,6 +172,63 @@ pub struct ErrorBody<'a> {
     pub retry_after_ms: Option<u64>,
 }
 
+/// A reply decoded into an owned `ok` of the caller's choosing (setup replies, read once
+/// per connection: not the hot path).
+#[derive(Deserialize, Debug)]
+#[serde(bound = "T: DeserializeOwned + Default")]
+pub struct Reply<T> {
+    #[serde(default)]
+    pub ok: T,
+}
+
+/// The `ok` of a `connect` reply, as much as rtload reads.
+#[derive(Deserialize, Debug, Default, Clone, PartialEq)]
+pub struct ConnectOk {
+    #[serde(default)]
+    pub session: String,
+    /// Extension (docs/protocol.md): the `session` sent was resumed.
+    #[serde(default)]
+    pub resumed: bool,
+    #[serde(default)]
+    pub node: String,
+    /// A SubResult, or `{error}`, per channel of `subs`.
+    #[serde(default)]
+    pub subs: BTreeMap<String, SubOutcome>,
+}
+
+/// One channel of `connect`'s `subs`: a SubResult (`offset`, `epoch`, `recovered`, `pubs`)
+/// or `{error: {code, ...}}`.
+#[derive(Deserialize, Debug, Default, Clone, PartialEq)]
+pub struct SubOutcome {
+    #[serde(default, deserialize_with = "stamp::lenient_u64")]
+    pub offset: Option<u64>,
+    #[serde(default)]
+    pub epoch: Option<String>,
+    #[serde(default)]
+    pub recovered: bool,
+    /// The missed publications, oldest first (recovery).
+    #[serde(default)]
+    pub pubs: Vec<PubView>,
+    #[serde(default)]
+    pub error: Option<CodeOnly>,
+}
+
+/// A publication's offset and rtload stamp.
+#[derive(Deserialize, Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PubView {
+    #[serde(default, deserialize_with = "stamp::lenient_u64")]
+    pub offset: Option<u64>,
+    #[serde(default)]
+    pub data: Option<StampView>,
+}
+
+/// An error object read only for its code.
+#[derive(Deserialize, Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CodeOnly {
+    #[serde(default)]
+    pub code: u32,
+}
+
 /// `t` and `seq` read from a publication's `data`; anything else (data that rtload did not
 /// publish, of any shape) decodes as both absent instead of failing the message.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +247,14 @@ pub fn split_frame(encoding: Encoding, frame: &[u8]) -> Frames<'_> {
 
 /// Decodes one message (as returned by [`split_frame`]).
 pub fn decode(encoding: Encoding, message: &[u8]) -> Result<Incoming<'_>> {
+    Ok(match encoding {
+        Encoding::Msgpack => rmp_serde::from_slice(message)?,
+        Encoding::Json => serde_json::from_slice(message)?,
+    })
+}
+
+/// Decodes one message into an owned type (see [`Reply`]).
+pub fn decode_as<T: DeserializeOwned>(encoding: Encoding, message: &[u8]) -> Result<T> {
     Ok(match encoding {
         Encoding::Msgpack => rmp_serde::from_slice(message)?,
         Encoding::Json => serde_json::from_slice(message)?,
@@ -481,6 +573,104 @@ mod tests {
         assert_eq!(
             bare.as_str(),
             r#"{"id":5,"op":"rpc","method":"auth.hash_password"}"#
+        );
+    }
+
+    #[test]
+    fn connect_carries_the_session_and_positions_to_recover_from() {
+        let subs = BTreeMap::from([
+            (
+                "chat:a".to_string(),
+                Since {
+                    offset: Some(41),
+                    epoch: Some("e7".into()),
+                },
+            ),
+            ("chat:b".to_string(), Since::default()),
+        ]);
+        let cmd = Connect {
+            id: 1,
+            op: "connect",
+            session: Some("5e55"),
+            subs: &subs,
+        };
+        let Message::Text(text) = Encoding::Json.encode(&cmd).unwrap() else {
+            panic!("json must be a text frame")
+        };
+        assert_eq!(
+            text.as_str(),
+            r#"{"id":1,"op":"connect","session":"5e55","subs":{"chat:a":{"offset":41,"epoch":"e7"},"chat:b":{}}}"#
+        );
+        let Message::Binary(bin) = Encoding::Msgpack.encode(&cmd).unwrap() else {
+            panic!("msgpack must be a binary frame")
+        };
+        let back: serde_json::Value = rmp_serde::from_slice(&bin).unwrap();
+        assert_eq!(back["subs"]["chat:b"], json!({}));
+        let empty = BTreeMap::new();
+        let Message::Text(bare) = Encoding::Json
+            .encode(&Connect {
+                id: 1,
+                op: "connect",
+                session: None,
+                subs: &empty,
+            })
+            .unwrap()
+        else {
+            panic!("json must be a text frame")
+        };
+        assert_eq!(bare.as_str(), r#"{"id":1,"op":"connect"}"#);
+    }
+
+    #[test]
+    fn connect_replies_expose_session_and_sub_results() {
+        let reply = json!({"id": 1, "ok": {
+            "client": "c", "session": "5e55", "user": "", "ping_ms": 25000, "node": "gw-a",
+            "resumed": true,
+            "subs": {
+                "chat:a": {"offset": 43, "epoch": "e7", "recovered": true, "pubs": [
+                    {"channel": "chat:a", "offset": 42, "data": {"t": 5, "seq": 9, "pad": "x"},
+                     "info": {"user": "", "client": ""}, "ts": 1},
+                    {"channel": "chat:a", "offset": 43, "data": "not rtload's", "ts": 2}]},
+                "chat:b": {"error": {"code": 106, "message": "limit exceeded"}}}}});
+        for enc in [Encoding::Json, Encoding::Msgpack] {
+            let bytes = match enc {
+                Encoding::Json => serde_json::to_vec(&reply).unwrap(),
+                Encoding::Msgpack => mp(&reply),
+            };
+            let r: Reply<ConnectOk> = decode_as(enc, &bytes).unwrap();
+            let ok = r.ok;
+            assert_eq!(
+                (ok.session.as_str(), ok.resumed, ok.node.as_str()),
+                ("5e55", true, "gw-a")
+            );
+            let a = &ok.subs["chat:a"];
+            assert!(a.recovered && a.error.is_none());
+            assert_eq!((a.offset, a.epoch.as_deref()), (Some(43), Some("e7")));
+            assert_eq!(a.pubs.len(), 2);
+            assert_eq!(a.pubs[0].offset, Some(42));
+            assert_eq!(a.pubs[0].data.unwrap().t, Some(5));
+            assert_eq!(a.pubs[1].data.unwrap_or_default(), StampView::default());
+            assert_eq!(ok.subs["chat:b"].error.unwrap().code, 106);
+        }
+        // A plain connect reply (no subs, no resumed) decodes to the defaults.
+        let r: Reply<ConnectOk> = decode_as(
+            Encoding::Json,
+            br#"{"id":1,"ok":{"client":"c","session":"s"}}"#,
+        )
+        .unwrap();
+        assert!(!r.ok.resumed && r.ok.subs.is_empty());
+    }
+
+    #[test]
+    fn disconnect_pushes_expose_code_and_retry_after() {
+        let push = mp(
+            &json!({"push": "disconnect", "code": 4007, "reason": "overloaded",
+                              "reconnect": true, "retry_after_ms": 1500}),
+        );
+        let m = decode(Encoding::Msgpack, &push).unwrap();
+        assert_eq!(
+            (m.push.as_deref(), m.code, m.retry_after_ms),
+            (Some("disconnect"), Some(4007), Some(1500))
         );
     }
 

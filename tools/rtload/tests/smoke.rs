@@ -8,8 +8,10 @@
     reason = "test code: a failed expectation is a failed test"
 )]
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use rt_tests::TestCluster;
 use rt_tests::cluster::API_KEY;
@@ -131,6 +133,132 @@ async fn fanout_ping_rpc_and_idle_scenarios_run_against_the_real_services() {
         "per-connection memory reported: {idle}"
     );
     println!("idle report: {idle}");
+}
+
+/// The reconnect storm in miniature: 20 clients on gateway A (2 channels), 5 pinging
+/// gateway B, a publisher through B, admission control tight enough to refuse some
+/// connects. Once rtload says READY, A is stopped abruptly (a crash, in-process) and a new
+/// gateway is started on the same address; every client must come back (after 4007s),
+/// resume, and recover its channel: nothing lost, nothing twice.
+#[actix_rt::test]
+async fn storm_clients_recover_everything_after_a_gateway_restart() {
+    let mut cluster = TestCluster::start_with(2, |config| {
+        config.gateway.connect_rate = 10;
+        config.gateway.connect_burst = 5;
+        config.gateway.admission_retry_after_ms = 100;
+    })
+    .await;
+    let (a, b) = (cluster.addr(0), cluster.addr(1));
+    let report = tempfile_dir().join("storm.json");
+    let args: Vec<String> = [
+        "storm",
+        "--url",
+        &format!("ws://{a}/ws"),
+        "--ping-url",
+        &format!("ws://{b}/ws"),
+        "--api-key",
+        API_KEY,
+        "--clients",
+        "20",
+        "--channels",
+        "2",
+        "--ping-clients",
+        "5",
+        "--ping-rate-per-conn",
+        "5",
+        "--rate",
+        "40",
+        "--warmup",
+        "0s",
+        "--drain",
+        "1s",
+        "--wait-storm",
+        "20s",
+        "--recovery-timeout",
+        "15s",
+        "--json-out",
+        &report.display().to_string(),
+    ]
+    .map(str::to_owned)
+    .into();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rtload"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rtload starts");
+    // Progress goes to stderr; READY says every client is up and the load is running.
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let reader = std::thread::spawn(move || {
+        let mut ready = Some(ready_tx);
+        let mut log = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with("READY")
+                && let Some(tx) = ready.take()
+            {
+                let _ = tx.send(());
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    let ready = tokio::time::timeout(Duration::from_secs(30), ready_rx).await;
+    assert!(matches!(ready, Ok(Ok(()))), "rtload never said READY");
+    actix_rt::time::sleep(Duration::from_millis(1500)).await;
+
+    // The crash, and the restart on the same address.
+    cluster.gateways.remove(0).stop().await;
+    actix_rt::time::sleep(Duration::from_millis(300)).await;
+    cluster.gateway_on(a).await;
+
+    let output = actix_rt::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("wait task")
+        .expect("rtload ends");
+    let log = reader.join().expect("stderr reader");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "rtload failed: {stdout}\n{log}");
+    let storm: Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report written"))
+            .expect("report is JSON");
+    let s = &storm["storm"];
+    assert_eq!(s["happened"], true, "{stdout}\n{log}");
+    assert_eq!(s["clients_disconnected"], 20, "{stdout}");
+    assert_eq!(s["all_recovered"], true, "{stdout}\n{log}");
+    assert_eq!(s["resumed"], 20, "sessions resumed: {stdout}");
+    assert!(
+        s["refused_4007"].as_u64().is_some_and(|n| n > 0),
+        "admission refused some reconnects, which were retried: {stdout}"
+    );
+    assert!(
+        s["setup_refused_4007"].as_u64().is_some_and(|n| n > 0),
+        "and some first connects: {stdout}"
+    );
+    let d = &storm["delivery"];
+    assert_eq!(d["clients_checked"], 20, "{stdout}");
+    assert_eq!(d["lost"], 0, "{stdout}");
+    assert_eq!(d["duplicates"], 0, "{stdout}");
+    assert!(
+        d["recovered"].as_u64().is_some_and(|n| n > 0),
+        "publications made while A was down came back by recovery: {stdout}"
+    );
+    assert!(
+        storm["publish"]["acked"].as_u64().is_some_and(|n| n > 40),
+        "{stdout}"
+    );
+    let ping = &storm["ping"];
+    assert_eq!(ping["connection_lost"], 0, "{stdout}");
+    assert!(
+        ping["before_ms"]["count"].as_u64().is_some_and(|n| n > 0),
+        "{stdout}"
+    );
+    assert!(
+        ping["during_ms"]["count"].as_u64().is_some_and(|n| n > 0),
+        "{stdout}"
+    );
+    println!("storm report:\n{stdout}");
 }
 
 fn tempfile_dir() -> std::path::PathBuf {

@@ -4,7 +4,7 @@
 use super::conn::Event;
 use super::tracker::{CallHists, CallStats};
 use crate::collector::Setup;
-use crate::stats::{self};
+use crate::stats::{self, SeqSamples};
 
 #[derive(Default)]
 pub struct Collector {
@@ -13,6 +13,8 @@ pub struct Collector {
     pub closed_early: u64,
     pub hists: CallHists,
     pub stats: CallStats,
+    /// `ok` latencies by sequence number, when the connections keep them.
+    pub ok_by_seq: SeqSamples,
 }
 
 impl Collector {
@@ -22,11 +24,15 @@ impl Collector {
         match event {
             Event::Ready { connect, .. } => self.setup.on_ready(connect),
             Event::Failed { kind, message } => self.setup.on_failed(kind, message),
-            Event::Samples(samples) => samples.record_into(&mut self.hists),
-            Event::Done(summary) => {
+            Event::Samples(mut samples) => {
+                samples.record_into(&mut self.hists);
+                self.ok_by_seq.append(&mut samples.ok_by_seq);
+            }
+            Event::Done(mut summary) => {
                 self.done += 1;
                 self.closed_early += u64::from(summary.closed_early);
                 summary.samples.record_into(&mut self.hists);
+                self.ok_by_seq.append(&mut summary.samples.ok_by_seq);
                 self.stats.merge(&summary.stats);
             }
         }

@@ -34,6 +34,9 @@ pub struct Spec {
     /// once a second).
     pub timeout: Duration,
     pub flush_every: Duration,
+    /// Keep `ok` latencies tagged with their sequence numbers too (see
+    /// [`crate::stats::SeqSamples`]), for a scenario that splits the run into phases.
+    pub by_seq: bool,
 }
 
 pub enum Event {
@@ -236,7 +239,7 @@ async fn read(
     events: &mpsc::UnboundedSender<Event>,
     mut stop: watch::Receiver<bool>,
 ) -> (Summary, SplitStream<Ws>) {
-    let mut tracker = Tracker::new(spec.window);
+    let mut tracker = Tracker::new(spec.window).keeping_seq(spec.by_seq);
     let mut closed_early = false;
     let mut writer_open = true;
     let mut tick = tokio::time::interval(spec.flush_every);

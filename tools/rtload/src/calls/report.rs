@@ -111,8 +111,13 @@ pub struct Connections {
 impl Connections {
     /// The report line: how many came up, failed, stayed, and connect latency.
     pub fn line(&self) -> String {
+        format!("connections   {}", self.counts())
+    }
+
+    /// The line without its label.
+    pub fn counts(&self) -> String {
         format!(
-            "connections   {} of {} established, {} failed, {} open at end, {} closed early; connect {}\n",
+            "{} of {} established, {} failed, {} open at end, {} closed early; connect {}\n",
             self.established,
             self.requested,
             self.failed,

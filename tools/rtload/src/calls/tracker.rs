@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::Live;
 use crate::pacer::{LATE, Window};
-use crate::stats::{Hist, Samples, Tally};
+use crate::stats::{Hist, Samples, SeqSamples, Tally};
 use crate::wire::Incoming;
 
 /// The error codes the report singles out (PROTOCOL.md §1).
@@ -226,6 +226,9 @@ pub struct CallSamples {
     pub retry_after: Samples,
     /// Intended send time → written: the generator's own delay.
     pub lag: Samples,
+    /// The `ok` latencies again, tagged with their sequence numbers; kept only when the
+    /// scenario asks ([`Tracker::keeping_seq`]).
+    pub ok_by_seq: SeqSamples,
 }
 
 impl CallSamples {
@@ -235,6 +238,7 @@ impl CallSamples {
             + self.first_part.len()
             + self.retry_after.len()
             + self.lag.len()
+            + self.ok_by_seq.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -284,6 +288,7 @@ struct Pending {
 /// The calls one connection is waiting on, by id, and what became of those that ended.
 pub struct Tracker {
     window: Window,
+    keep_seq: bool,
     pending: HashMap<u32, Pending>,
     pub stats: CallStats,
     pub samples: CallSamples,
@@ -293,10 +298,17 @@ impl Tracker {
     pub fn new(window: Window) -> Self {
         Tracker {
             window,
+            keep_seq: false,
             pending: HashMap::new(),
             stats: CallStats::default(),
             samples: CallSamples::default(),
         }
+    }
+
+    /// Also keep each `ok` latency with its sequence number ([`CallSamples::ok_by_seq`]).
+    pub fn keeping_seq(mut self, keep: bool) -> Self {
+        self.keep_seq = keep;
+        self
     }
 
     /// A command went out with this id: wait for its reply.
@@ -376,7 +388,12 @@ impl Tracker {
         self.stats.calls_with_parts += u64::from(call.parts > 0);
         let us = micros(now, call.sent.intended);
         match outcome {
-            Outcome::Ok => self.samples.latency.push(us),
+            Outcome::Ok => {
+                self.samples.latency.push(us);
+                if self.keep_seq {
+                    self.samples.ok_by_seq.push(call.sent.seq, us);
+                }
+            }
             Outcome::Error {
                 code,
                 retry_after_ms,

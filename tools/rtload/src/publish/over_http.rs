@@ -54,7 +54,7 @@ pub(super) async fn http_worker(
             if outcome.is_err() {
                 Live::add(&live.publish_failed, 1);
             }
-            stats.on_ack(&tick, outcome, &spec.window);
+            stats.on_ack(&tick, spec.channel_of(tick.seq).0, outcome, &spec.window);
         }
     }
     stats
@@ -70,7 +70,7 @@ async fn http_publish(
     live: &Live,
 ) -> Result<Option<u64>, String> {
     let body = serde_json::to_vec(&HttpPublish {
-        channel: &spec.channel,
+        channel: spec.channel_of(tick.seq).1,
         data: Stamp {
             t: spec.clock.unix_us(tick.intended),
             seq: tick.seq,

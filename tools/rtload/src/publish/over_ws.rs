@@ -39,14 +39,20 @@ pub(super) async fn ws_worker(
         let mut written = 0;
         for tick in batch {
             if broken {
-                stats.on_ack(&tick, Err("publish connection lost".into()), &spec.window);
+                let channel = spec.channel_of(tick.seq).0;
+                stats.on_ack(
+                    &tick,
+                    channel,
+                    Err("publish connection lost".into()),
+                    &spec.window,
+                );
                 Live::add(&live.publish_failed, 1);
                 continue;
             }
             let message = encoding.encode(&Publish {
                 id: next_id(&mut id),
                 op: "publish",
-                channel: &spec.channel,
+                channel: spec.channel_of(tick.seq).1,
                 data: Stamp {
                     t: spec.clock.unix_us(tick.intended),
                     seq: tick.seq,
@@ -56,7 +62,13 @@ pub(super) async fn ws_worker(
             let message = match message {
                 Ok(m) => m,
                 Err(e) => {
-                    stats.on_ack(&tick, Err(format!("publish encode: {e}")), &spec.window);
+                    let channel = spec.channel_of(tick.seq).0;
+                    stats.on_ack(
+                        &tick,
+                        channel,
+                        Err(format!("publish encode: {e}")),
+                        &spec.window,
+                    );
                     continue;
                 }
             };
@@ -152,7 +164,7 @@ async fn ws_acks(
                     if outcome.is_err() {
                         Live::add(&live.publish_failed, 1);
                     }
-                    stats.on_ack(&tick, outcome, &spec.window);
+                    stats.on_ack(&tick, spec.channel_of(tick.seq).0, outcome, &spec.window);
                 }
             },
             _ = tokio::time::sleep_until(deadline), if writer_done => break,
@@ -167,7 +179,8 @@ async fn ws_acks(
     }
     Live::add(&live.publish_failed, pending.len() as u64);
     for tick in pending.into_values() {
-        stats.on_ack(&tick, Err("publish no reply".into()), &spec.window);
+        let channel = spec.channel_of(tick.seq).0;
+        stats.on_ack(&tick, channel, Err("publish no reply".into()), &spec.window);
     }
     (stats, stream)
 }

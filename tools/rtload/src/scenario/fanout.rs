@@ -191,7 +191,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     // Publish: open the publishers, then start the pacer.
     let pub_spec = Arc::new(PublishSpec {
         via: args.publish_via,
-        channel: args.channel.clone(),
+        channels: vec![args.channel.clone()],
         pad: "x".repeat(args.payload_bytes),
         http_base: common.http.clone(),
         api_key: common.api_key.clone(),

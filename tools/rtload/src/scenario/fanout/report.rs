@@ -126,7 +126,7 @@ pub fn build(
     };
     let expected = pubs.ok_measured * col.setup.ready as u64;
     let gaps = col.lost_in_gaps();
-    let tail = col.lost_in_tails(pubs.max_offset);
+    let tail = col.lost_in_tails(pubs.max_offset());
     let mut kinds = col.setup.errors.clone();
     kinds.merge(&col.errors);
     kinds.merge(&pubs.errors);
