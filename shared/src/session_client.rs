@@ -1,9 +1,10 @@
 //! The typed client gateways use to reach the session service.
 
 use rt_proto::session::{
-    self, AuthReply, AuthRequest, ChannelAuthRequest, ChannelGrant, PresenceReply, PresenceRequest,
-    RefreshReply, RefreshRequest, RevokeRequest, SessionEvents,
+    self, AuthReply, AuthRequest, ChannelAuthRequest, ChannelGrant, PresenceChange, PresenceReply,
+    PresenceRequest, RefreshReply, RefreshRequest, RevokeRequest, SessionEvents,
 };
+use rt_proto::{ChannelName, subject};
 
 use crate::broadcast_client::Pending;
 use crate::bus::{Bus, BusError};
@@ -96,4 +97,17 @@ impl SessionClient {
             request,
         )?))
     }
+}
+
+/// Sends joins and leaves of `channel` on its delivery subject, marked with
+/// the presence header, so every gateway with subscribers relays them.
+pub fn publish_presence_change(
+    bus: &Bus,
+    channel: &ChannelName,
+    change: &PresenceChange,
+) -> Result<(), BusError> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(session::EVENT_HEADER, session::EVENT_PRESENCE);
+    let payload = crate::bus::encode(change)?;
+    bus.publish(subject::deliver(channel), headers, payload)
 }

@@ -406,18 +406,13 @@ impl Connection {
     pub(crate) fn leave_everything(&mut self, code: u16) {
         let subs = self.live_channels();
         let client = self.present_client();
-        for (name, slot) in self.subscriptions.drain() {
+        let subscriptions: Vec<_> = self.subscriptions.drain().collect();
+        for (name, slot) in subscriptions {
             self.app.hub.remove(&name, self.id);
             if slot.live
                 && let Ok(channel) = ChannelName::parse(&name)
             {
-                let tracking = match self.app.config.namespace(&channel) {
-                    Some(ns) => Tracking {
-                        presence: ns.presence,
-                        join_leave: ns.join_leave,
-                    },
-                    None => continue,
-                };
+                let tracking = self.tracking(&channel);
                 self.app.presence.leave(&channel, tracking, client.clone());
             }
         }

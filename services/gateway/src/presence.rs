@@ -17,13 +17,13 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use async_nats::HeaderMap;
 use futures_util::future::join_all;
+use rt_proto::ChannelName;
 use rt_proto::session::{self, PresenceChange, PresenceSlice, PresentClient};
-use rt_proto::{ChannelName, subject};
+use rt_shared::Bus;
 use rt_shared::kv::Buckets;
+use rt_shared::session_client::publish_presence_change;
 use rt_shared::telemetry::RateLimitedLog;
-use rt_shared::{Bus, BusError};
 
 use crate::metrics::{GatewayMetrics, ResultLabel};
 
@@ -160,7 +160,7 @@ impl PresenceTable {
         for flush in flushes {
             if let Some(change) = flush.change {
                 let events = (change.joins.len() + change.leaves.len()) as u64;
-                match send_change(bus, &flush.channel, &change) {
+                match publish_presence_change(bus, &flush.channel, &change) {
                     Ok(()) => {
                         metrics.presence_events.inc_by(events);
                     }
@@ -182,13 +182,6 @@ impl PresenceTable {
                 .inc();
         }
     }
-}
-
-fn send_change(bus: &Bus, channel: &ChannelName, change: &PresenceChange) -> Result<(), BusError> {
-    let mut headers = HeaderMap::new();
-    headers.insert(session::EVENT_HEADER, session::EVENT_PRESENCE);
-    let payload = rt_shared::bus::encode(change)?;
-    bus.publish(subject::deliver(channel), headers, payload)
 }
 
 /// Writes (or, when nobody is left, deletes) this node's slice of a channel.

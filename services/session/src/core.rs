@@ -81,49 +81,49 @@ impl Core {
     /// A connection token, verified once and then served from the cache
     /// (never past its `exp`, nor past `cache_ttl_secs`).
     fn claims(&self, token: &str) -> Result<Claims, WireError> {
-        let now = Instant::now();
-        let label = CacheLabel { cache: "token" };
-        let now_secs = now_ms() / 1000;
-        if let Some(claims) = self.tokens.get(token, now)
-            && claims.exp.is_none_or(|exp| exp > now_secs)
-        {
-            self.metrics.cache_hits.get_or_create(&label).inc();
-            return Ok(claims);
-        }
-        self.metrics.cache_misses.get_or_create(&label).inc();
-        let claims = self
-            .verifier
-            .verify(token, now_secs)
-            .map_err(|e| WireError::new(e.code(), e.to_string()))?;
-        let ttl = self.cache_ttl(claims.exp, now_secs);
-        if !ttl.is_zero() {
-            self.tokens
-                .insert(token.to_owned(), claims.clone(), now + ttl);
-        }
-        Ok(claims)
+        self.cached(
+            &self.tokens,
+            "token",
+            token,
+            |c| c.exp,
+            |now_secs| self.verifier.verify(token, now_secs),
+        )
     }
 
     fn channel_claims(&self, token: &str) -> Result<ChannelClaims, WireError> {
+        self.cached(
+            &self.channel_tokens,
+            "channel_token",
+            token,
+            |c| c.exp,
+            |now_secs| self.verifier.verify_channel(token, now_secs),
+        )
+    }
+
+    /// Serves `token`'s claims from `cache` while they are unexpired, else
+    /// verifies it and caches the result for at most `cache_ttl_secs`.
+    fn cached<C: Clone>(
+        &self,
+        cache: &TtlCache<String, C>,
+        cache_name: &'static str,
+        token: &str,
+        exp: impl Fn(&C) -> Option<u64>,
+        verify: impl FnOnce(u64) -> Result<C, crate::auth::AuthError>,
+    ) -> Result<C, WireError> {
         let now = Instant::now();
-        let label = CacheLabel {
-            cache: "channel_token",
-        };
+        let label = CacheLabel { cache: cache_name };
         let now_secs = now_ms() / 1000;
-        if let Some(claims) = self.channel_tokens.get(token, now)
-            && claims.exp.is_none_or(|exp| exp > now_secs)
+        if let Some(claims) = cache.get(token, now)
+            && exp(&claims).is_none_or(|exp| exp > now_secs)
         {
             self.metrics.cache_hits.get_or_create(&label).inc();
             return Ok(claims);
         }
         self.metrics.cache_misses.get_or_create(&label).inc();
-        let claims = self
-            .verifier
-            .verify_channel(token, now_secs)
-            .map_err(|e| WireError::new(e.code(), e.to_string()))?;
-        let ttl = self.cache_ttl(claims.exp, now_secs);
+        let claims = verify(now_secs).map_err(|e| WireError::new(e.code(), e.to_string()))?;
+        let ttl = self.cache_ttl(exp(&claims), now_secs);
         if !ttl.is_zero() {
-            self.channel_tokens
-                .insert(token.to_owned(), claims.clone(), now + ttl);
+            cache.insert(token.to_owned(), claims.clone(), now + ttl);
         }
         Ok(claims)
     }

@@ -11,13 +11,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::kv;
 use futures_util::StreamExt as _;
+use rt_proto::ChannelName;
 use rt_proto::session::{self, PresenceChange, PresenceReply, PresenceSlice, PresentClient};
-use rt_proto::{ChannelName, subject};
 use rt_shared::Bus;
 use rt_shared::config::Config;
+use rt_shared::session_client::publish_presence_change;
 
 use crate::nodes::NodeView;
 
@@ -162,11 +162,8 @@ pub async fn reap_node(
                 joins: Vec::new(),
                 leaves: clients,
             };
-            let mut headers = HeaderMap::new();
-            headers.insert(session::EVENT_HEADER, session::EVENT_PRESENCE);
-            if let Ok(payload) = rt_shared::bus::encode(&change) {
-                let _ = bus.publish(subject::deliver(&channel), headers, payload);
-            }
+            // Shed like any join/leave when the lane is full.
+            let _ = publish_presence_change(bus, &channel, &change);
         }
         if let Err(error) = bucket.delete(&key).await {
             tracing::warn!(%key, %error, "cannot delete a dead node's presence");
