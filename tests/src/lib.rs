@@ -7,6 +7,7 @@
 //! - [`tokens`]: JWTs signed with the cluster's test secret.
 //! - [`WsClient`]: a protocol client over tokio-tungstenite, both encodings.
 //! - [`http`]: a minimal HTTP/1.1 client for `/api/*` and ops endpoints.
+//! - [`process`]: the services' real binaries as child processes (`kill -9`).
 
 #![allow(
     clippy::expect_used,
@@ -16,6 +17,7 @@
 pub mod cluster;
 pub mod http;
 pub mod nats;
+pub mod process;
 pub mod tokens;
 pub mod ws_client;
 

@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::*;
+use rt_tests::process::{self, ServiceProcess};
 
 /// A namespace whose history holds every publication of these tests.
 fn history_namespace(config: &mut Config) {
@@ -230,7 +231,13 @@ fn check(channel: &str, count: usize, acks: &Acks, seen: &Seen) {
 }
 
 /// What goes wrong in the middle of a stream.
-enum Disruption {
+enum Disruption<'a> {
+    /// `kill -9` of a broadcast process; with `restart`, the same binary and
+    /// settings start again (a supervisor's restart).
+    KillProcess {
+        process: &'a mut ServiceProcess,
+        restart: bool,
+    },
     /// The broadcast instance dies and a new process starts.
     RestartBroadcast,
     /// The broadcast instance dies; another one is running already.
@@ -239,8 +246,14 @@ enum Disruption {
     RestartNats,
 }
 
-async fn disrupt(cluster: &mut TestCluster, disruption: Disruption) {
+async fn disrupt(cluster: &mut TestCluster, disruption: Disruption<'_>) {
     match disruption {
+        Disruption::KillProcess { process, restart } => {
+            process.kill();
+            if restart {
+                process.restart(BROADCAST_READY).await;
+            }
+        }
         Disruption::RestartBroadcast => restart_broadcast(cluster, true).await,
         Disruption::KillBroadcast => {
             cluster
@@ -265,7 +278,7 @@ async fn stream_through(
     channel: &str,
     count: usize,
     disrupt_after: usize,
-    disruption: Disruption,
+    disruption: Disruption<'_>,
 ) {
     let (target_tx, target_rx) = watch::channel(None);
     let mut followers = Vec::new();
@@ -766,5 +779,110 @@ async fn a_stale_writer_cannot_take_an_offset_twice() {
         pubs,
         vec![(1, json!("one")), (2, json!("stale")), (3, json!("two"))],
         "one publication per offset: {history}"
+    );
+}
+
+/// What a broadcast process logs once it serves requests.
+const BROADCAST_READY: &str = "broadcast ready";
+
+/// `rt-broadcast` as its own process on the cluster's NATS, configured like
+/// [`history_namespace`] with `instance_id` and 1 s leases; `None` when the
+/// binary is not built (see [`rt_tests::process`]).
+async fn broadcast_process(cluster: &TestCluster, instance_id: &str) -> Option<ServiceProcess> {
+    let binary = process::binary_or_skip("rt-broadcast")?;
+    let env = [
+        ("RT_NATS_URL", cluster.config.nats.url.as_str()),
+        ("RT_LOG__FILTER", "info"),
+        ("RT_BROADCAST__HTTP_ADDR", "127.0.0.1:0"),
+        ("RT_BROADCAST__SHARDS", "2"),
+        ("RT_BROADCAST__INSTANCE_ID", instance_id),
+        ("RT_BROADCAST__LEASE_TTL_MS", "1000"),
+        ("RT_TELEMETRY__STATS_INTERVAL_MS", "0"),
+        ("RT_NAMESPACES__HIST__HISTORY_SIZE", "10000"),
+        ("RT_NAMESPACES__HIST__HISTORY_TTL_SECS", "600"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .to_vec();
+    Some(ServiceProcess::start(binary, env, BROADCAST_READY).await)
+}
+
+/// Which broadcast instance holds each partition's lease now.
+async fn lease_owners(cluster: &TestCluster) -> HashMap<u32, String> {
+    let js = async_nats::jetstream::new(cluster.nats_client().await);
+    let leases = js
+        .get_key_value("rt_broadcast_leases")
+        .await
+        .expect("the leases bucket");
+    let mut owners = HashMap::new();
+    for partition in 0..rt_proto::subject::BROADCAST_PARTITIONS {
+        if let Ok(Some(value)) = leases.get(format!("p{partition}")).await {
+            let lease: rt_proto::internal::PartitionLease =
+                rt_proto::internal::from_msgpack(&value).expect("a lease");
+            owners.insert(partition, lease.owner);
+        }
+    }
+    owners
+}
+
+#[actix_rt::test]
+async fn a_broadcast_process_killed_with_sigkill_and_restarted_loses_no_acknowledged_publication() {
+    let mut cluster = TestCluster::without_broadcast(history_namespace).await;
+    let Some(mut broadcast) = broadcast_process(&cluster, "b-proc").await else {
+        return;
+    };
+    // The restarted process has the same instance id (as a StatefulSet pod
+    // has): it takes its partitions back at once.
+    stream_through(
+        &mut cluster,
+        "hist:sigkill",
+        3_000,
+        800,
+        Disruption::KillProcess {
+            process: &mut broadcast,
+            restart: true,
+        },
+    )
+    .await;
+}
+
+#[actix_rt::test]
+async fn when_a_broadcast_process_is_killed_with_sigkill_the_other_takes_its_channels_over() {
+    let mut cluster = TestCluster::without_broadcast(history_namespace).await;
+    let Some(mut victim) = broadcast_process(&cluster, "b-victim").await else {
+        return;
+    };
+    let Some(survivor) = broadcast_process(&cluster, "b-survivor").await else {
+        return;
+    };
+    let owners = eventually("partitions shared", Duration::from_secs(20), || async {
+        let owners = lease_owners(&cluster).await;
+        let victims = owners.values().filter(|o| *o == "b-victim").count();
+        (owners.len() == 64 && victims == 32).then_some(owners)
+    })
+    .await;
+    // A channel the victim sequences.
+    let channel = (0..)
+        .map(|n| format!("hist:victim{n}"))
+        .find(|name| {
+            let channel = ChannelName::parse(name).expect("channel");
+            owners[&rt_proto::subject::partition(&channel)] == "b-victim"
+        })
+        .expect("some channel");
+    stream_through(
+        &mut cluster,
+        &channel,
+        2_000,
+        600,
+        Disruption::KillProcess {
+            process: &mut victim,
+            restart: false,
+        },
+    )
+    .await;
+    let owners = lease_owners(&cluster).await;
+    assert!(
+        owners.len() == 64 && owners.values().all(|o| o == "b-survivor"),
+        "the survivor holds every partition: {owners:?}\n{}",
+        survivor.output()
     );
 }
