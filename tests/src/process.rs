@@ -53,6 +53,7 @@ pub fn binary_or_skip(name: &str) -> Option<PathBuf> {
 pub struct ServiceProcess {
     binary: PathBuf,
     env: Vec<(String, String)>,
+    ready_message: String,
     child: Option<Child>,
     output: Arc<Mutex<Vec<String>>>,
 }
@@ -63,14 +64,16 @@ impl ServiceProcess {
         let mut process = Self {
             binary,
             env,
+            ready_message: ready_message.to_owned(),
             child: None,
             output: Arc::new(Mutex::new(Vec::new())),
         };
-        process.spawn(ready_message).await;
+        process.spawn().await;
         process
     }
 
-    async fn spawn(&mut self, ready_message: &str) {
+    async fn spawn(&mut self) {
+        let ready_message = self.ready_message.clone();
         let mut child = Command::new(&self.binary)
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -106,7 +109,7 @@ impl ServiceProcess {
         loop {
             let ready = self.output.lock().expect("output lock")[generation..]
                 .iter()
-                .any(|line| line.contains(ready_message));
+                .any(|line| line.contains(&ready_message));
             if ready {
                 return;
             }
@@ -133,10 +136,11 @@ impl ServiceProcess {
         }
     }
 
-    /// Starts the same binary with the same settings again (as a supervisor would).
-    pub async fn restart(&mut self, ready_message: &str) {
+    /// Starts the same binary with the same settings again (as a supervisor
+    /// would) and waits until it is ready.
+    pub async fn restart(&mut self) {
         self.kill();
-        self.spawn(ready_message).await;
+        self.spawn().await;
     }
 
     /// Everything the process (and its earlier runs) wrote.

@@ -293,8 +293,62 @@ impl WsClient {
         }
     }
 
+    /// Opens a socket and completes an anonymous `connect`, or `None` if
+    /// any step fails (a gateway that is down or still starting).
+    pub async fn try_connected(url: &str, encoding: WsEncoding) -> Option<Self> {
+        let (ws, _) = tokio::time::timeout(
+            STEP,
+            Self::open_with_protocols(url, &[encoding.subprotocol()]),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let mut client = Self {
+            ws,
+            encoding,
+            next_id: 1,
+            inbox: VecDeque::new(),
+        };
+        let id = client.next_id;
+        client.next_id += 1;
+        let connect = client.encode(&json!({"id": id, "op": "connect"}));
+        tokio::time::timeout(STEP, client.ws.send(connect))
+            .await
+            .ok()?
+            .ok()?;
+        loop {
+            let message = tokio::time::timeout(STEP, client.next_message_or_end())
+                .await
+                .ok()??;
+            if message["id"] == json!(id) {
+                return message.get("ok").is_some().then_some(client);
+            }
+        }
+    }
+
+    /// The next message of any kind, or `None` once the socket has ended
+    /// (closed by the server, reset, or a dead process).
+    pub async fn next_message_or_end(&mut self) -> Option<Value> {
+        loop {
+            if let Some(message) = self.inbox.pop_front() {
+                return Some(message);
+            }
+            let messages = self.try_read_frame().await.ok()?;
+            self.inbox.extend(messages);
+        }
+    }
+
     /// Reads one data frame and splits it into messages.
     async fn read_frame(&mut self) -> Vec<Value> {
+        match self.try_read_frame().await {
+            Ok(messages) => messages,
+            Err(end) => panic!("{end}"),
+        }
+    }
+
+    /// Reads one data frame and splits it into messages; `Err` says how the
+    /// socket ended.
+    async fn try_read_frame(&mut self) -> Result<Vec<Value>, String> {
         loop {
             let frame = within("a frame from the server", STEP, self.ws.next()).await;
             match frame {
@@ -304,7 +358,7 @@ impl WsClient {
                         WsEncoding::MsgPack,
                         "binary frame on a JSON connection"
                     );
-                    return split_msgpack(&bytes);
+                    return Ok(split_msgpack(&bytes));
                 }
                 Some(Ok(Message::Text(text))) => {
                     assert_eq!(
@@ -312,19 +366,21 @@ impl WsClient {
                         WsEncoding::Json,
                         "text frame on a MessagePack connection"
                     );
-                    return text
+                    return Ok(text
                         .split('\n')
                         .filter(|l| !l.trim().is_empty())
                         .map(|l| {
                             serde_json::from_str(l)
                                 .unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}"))
                         })
-                        .collect();
+                        .collect());
                 }
-                Some(Ok(Message::Close(frame))) => panic!("unexpected close: {frame:?}"),
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(format!("unexpected close: {frame:?}"));
+                }
                 Some(Ok(_)) => continue,
-                Some(Err(error)) => panic!("socket error: {error}"),
-                None => panic!("socket ended"),
+                Some(Err(error)) => return Err(format!("socket error: {error}")),
+                None => return Err("socket ended".to_owned()),
             }
         }
     }

@@ -114,10 +114,42 @@ struct Seen {
 /// Subscribes `client` to `channel` and records what arrives until `target`
 /// says the newest acknowledged offset, then resubscribes with `since` to
 /// recover whatever it missed.
-async fn follow(
+async fn follow(client: WsClient, channel: String, target: watch::Receiver<Option<u64>>) -> Seen {
+    follow_with(client, channel, target, None).await
+}
+
+/// [`follow`], and when the socket ends (its gateway died), connects again
+/// to `reconnect_url` (retrying while it is down) and resubscribes with
+/// `since`, as a client SDK does.
+async fn follow_reconnecting(
+    client: WsClient,
+    channel: String,
+    target: watch::Receiver<Option<u64>>,
+    reconnect_url: String,
+) -> Seen {
+    follow_with(client, channel, target, Some(reconnect_url)).await
+}
+
+/// A new connection to `url`, retried every 50 ms for up to 30 s.
+async fn reconnect(url: &str, encoding: WsEncoding) -> WsClient {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(client) = WsClient::try_connected(url, encoding).await {
+            return client;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no connection to {url} within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn follow_with(
     mut client: WsClient,
     channel: String,
     mut target: watch::Receiver<Option<u64>>,
+    reconnect_url: Option<String>,
 ) -> Seen {
     let reply = client
         .command("subscribe", json!({"channel": channel}))
@@ -152,28 +184,41 @@ async fn follow(
     let mut epoch = first_epoch;
     loop {
         let goal = *target.borrow();
+        let mut fresh_connection = false;
         let resubscribe = match goal {
             Some(goal) if contiguous(&seen) >= goal => break,
             // Publishing is over: recover what is missing.
             Some(_) => true,
             None => {
                 tokio::select! {
-                    message = client.next_message() => {
-                        if message["push"] == json!("pub") {
-                            record(&mut seen, &message, true);
-                        } else if message["push"] == json!("disconnect") {
-                            panic!("{channel}: disconnected: {message}");
+                    message = client.next_message_or_end() => match message {
+                        Some(message) => {
+                            if message["push"] == json!("pub") {
+                                record(&mut seen, &message, true);
+                            } else if message["push"] == json!("disconnect") && reconnect_url.is_none() {
+                                panic!("{channel}: disconnected: {message}");
+                            }
+                            message["push"] == json!("unsubscribed")
                         }
-                        message["push"] == json!("unsubscribed")
-                    }
+                        None => {
+                            let url = reconnect_url
+                                .as_deref()
+                                .unwrap_or_else(|| panic!("{channel}: the socket ended"));
+                            client = reconnect(url, client.encoding).await;
+                            fresh_connection = true;
+                            true
+                        }
+                    },
                     _ = target.changed() => false,
                 }
             }
         };
         if resubscribe {
-            client
-                .command("unsubscribe", json!({"channel": channel}))
-                .await;
+            if !fresh_connection {
+                client
+                    .command("unsubscribe", json!({"channel": channel}))
+                    .await;
+            }
             let since = json!({"offset": contiguous(&seen), "epoch": epoch});
             let reply = client
                 .command("subscribe", json!({"channel": channel, "since": since}))
@@ -232,7 +277,7 @@ fn check(channel: &str, count: usize, acks: &Acks, seen: &Seen) {
 
 /// What goes wrong in the middle of a stream.
 enum Disruption<'a> {
-    /// `kill -9` of a broadcast process; with `restart`, the same binary and
+    /// `kill -9` of a service process; with `restart`, the same binary and
     /// settings start again (a supervisor's restart).
     KillProcess {
         process: &'a mut ServiceProcess,
@@ -251,7 +296,7 @@ async fn disrupt(cluster: &mut TestCluster, disruption: Disruption<'_>) {
         Disruption::KillProcess { process, restart } => {
             process.kill();
             if restart {
-                process.restart(BROADCAST_READY).await;
+                process.restart().await;
             }
         }
         Disruption::RestartBroadcast => restart_broadcast(cluster, true).await,
@@ -885,4 +930,107 @@ async fn when_a_broadcast_process_is_killed_with_sigkill_the_other_takes_its_cha
         "the survivor holds every partition: {owners:?}\n{}",
         survivor.output()
     );
+}
+
+/// `rt-gateway` as its own process on the cluster's NATS at `addr`, with
+/// the `hist` namespace.
+async fn gateway_process(
+    cluster: &TestCluster,
+    addr: std::net::SocketAddr,
+) -> Option<ServiceProcess> {
+    let binary = process::binary_or_skip("rt-gateway")?;
+    let addr = addr.to_string();
+    let env = [
+        ("RT_NATS_URL", cluster.config.nats.url.as_str()),
+        ("RT_HTTP_ADDR", addr.as_str()),
+        ("RT_API_KEY", API_KEY),
+        ("RT_LOG__FILTER", "info"),
+        ("RT_GATEWAY__WORKERS", "1"),
+        ("RT_TELEMETRY__STATS_INTERVAL_MS", "0"),
+        ("RT_NAMESPACES__HIST__HISTORY_SIZE", "10000"),
+        ("RT_NAMESPACES__HIST__HISTORY_TTL_SECS", "600"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .to_vec();
+    Some(ServiceProcess::start(binary, env, "gateway ready").await)
+}
+
+/// A loopback address with a port free right now (the process binds it next).
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+}
+
+#[actix_rt::test]
+async fn a_gateway_process_killed_with_sigkill_mid_stream_loses_no_acknowledged_publication() {
+    let mut cluster = TestCluster::start_with(1, history_namespace).await;
+    let addr = free_addr();
+    let Some(mut gateway) = gateway_process(&cluster, addr).await else {
+        return;
+    };
+    let channel = "hist:gateway-kill";
+    let doomed = format!("ws://{addr}/ws");
+    // Subscribers on the gateway that dies: one comes back to it once it is
+    // restarted, the other moves to the cluster's other gateway.
+    let (target_tx, target_rx) = watch::channel(None);
+    let mut followers = Vec::new();
+    for (encoding, comeback) in [
+        (WsEncoding::MsgPack, doomed.clone()),
+        (WsEncoding::Json, cluster.ws_url(0)),
+    ] {
+        let client = WsClient::connected(&doomed, encoding).await;
+        followers.push(actix_rt::spawn(follow_reconnecting(
+            client,
+            channel.to_owned(),
+            target_rx.clone(),
+            comeback,
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let acked = Arc::new(AtomicUsize::new(0));
+    let count = 3_000;
+    let publisher = tokio::spawn(publish_all(
+        cluster.nats_client().await,
+        channel.to_owned(),
+        count,
+        8,
+        acked.clone(),
+    ));
+    eventually(
+        "publications before the kill",
+        Duration::from_secs(30),
+        || {
+            let acked = acked.clone();
+            async move { (acked.load(Ordering::Relaxed) >= 800).then_some(()) }
+        },
+    )
+    .await;
+    disrupt(
+        &mut cluster,
+        Disruption::KillProcess {
+            process: &mut gateway,
+            restart: true,
+        },
+    )
+    .await;
+    let acks = within(
+        "every publication acknowledged",
+        Duration::from_secs(90),
+        publisher,
+    )
+    .await
+    .expect("publisher");
+    let newest = acks.values().map(|(offset, _)| *offset).max().unwrap_or(0);
+    target_tx.send(Some(newest)).expect("followers listen");
+    for follower in followers {
+        let seen = within(
+            "the subscriber catches up",
+            Duration::from_secs(30),
+            follower,
+        )
+        .await
+        .expect("follower");
+        check(channel, count, &acks, &seen);
+    }
 }
