@@ -31,13 +31,17 @@ pub mod presence;
 pub mod rpc;
 pub mod state;
 pub mod ws_route;
+pub mod ws_upgrade;
 
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::{App, HttpServer, web};
+use actix_http::{HttpService, KeepAlive};
+use actix_service::{fn_service, map_config};
+use actix_web::dev::AppConfig;
+use actix_web::{App, web};
 use rt_proto::CloseCode;
 use rt_shared::config::Config;
 use rt_shared::health::{Health, OpsState};
@@ -173,37 +177,55 @@ pub async fn run(config: Config) -> Result<GatewayHandle, GatewayError> {
     lag::spawn_probe("main", common.clone(), true);
     let factory_app = app.clone();
     let demo = config.gateway.demo;
-    let server = HttpServer::new(move || {
-        // The factory runs once per worker thread: give each worker its probe.
-        if !PROBE_STARTED.replace(true) {
-            let name = std::thread::current().name().unwrap_or("worker").to_owned();
-            lag::spawn_probe(name, common.clone(), false);
-        }
-        let ops = ops.clone();
-        App::new()
-            .app_data(web::Data::new(factory_app.clone()))
-            .configure(|cfg| rt_shared::health::configure(cfg, ops))
-            .configure(http_api::configure)
-            .route("/ws", web::get().to(ws_route::ws_route))
-            .configure(|cfg| demo::configure(cfg, demo))
-    })
-    .workers(workers)
-    // Real-time frames are small: never let Nagle hold one back waiting for an ACK.
-    .tcp_nodelay(true)
-    .disable_signals()
-    .shutdown_timeout(1)
-    .bind(&config.gateway.http_addr)
-    .map_err(|source| GatewayError::Bind {
+    let listener = listen(&config.gateway.http_addr)?;
+    let addr = listener.local_addr().map_err(|source| GatewayError::Bind {
         addr: config.gateway.http_addr.clone(),
         source,
     })?;
-    let addr = server
-        .addrs()
-        .first()
-        .copied()
-        .ok_or_else(|| GatewayError::Bind {
+    let server = actix_server::Server::build()
+        .workers(workers)
+        .disable_signals()
+        .shutdown_timeout(1)
+        .listen("rt-gateway", listener, move || {
+            // The factory runs once per worker thread: give each worker its probe.
+            if !PROBE_STARTED.replace(true) {
+                let name = std::thread::current().name().unwrap_or("worker").to_owned();
+                lag::spawn_probe(name, common.clone(), false);
+            }
+            let ops = ops.clone();
+            let app = App::new()
+                .app_data(web::Data::new(factory_app.clone()))
+                .configure(|cfg| rt_shared::health::configure(cfg, ops))
+                .configure(http_api::configure)
+                .route(ws_upgrade::PATH, web::get().to(ws_route::ws_route))
+                .configure(|cfg| demo::configure(cfg, demo));
+            let upgrade_app = factory_app.clone();
+            // WebSocket upgrades leave the HTTP/1 dispatcher (see ws_upgrade).
+            let upgrade = fn_service(move |upgrade: ws_upgrade::Upgrade| {
+                let app = upgrade_app.clone();
+                async move {
+                    if let Err(error) = ws_upgrade::serve(app, upgrade).await {
+                        // A client that left mid-write; nothing to answer.
+                        tracing::debug!(%error, "websocket socket error");
+                    }
+                    Ok::<(), actix_http::Error>(())
+                }
+            });
+            HttpService::build()
+                // actix-web's defaults for HttpServer.
+                .keep_alive(KeepAlive::default())
+                .client_request_timeout(Duration::from_secs(5))
+                .client_disconnect_timeout(Duration::from_secs(1))
+                // Real-time frames are small: never let Nagle hold one back waiting for an ACK.
+                .tcp_nodelay(true)
+                .local_addr(addr)
+                .upgrade(upgrade)
+                .finish(map_config(app, |_| AppConfig::default()))
+                .tcp()
+        })
+        .map_err(|source| GatewayError::Bind {
             addr: config.gateway.http_addr.clone(),
-            source: std::io::Error::other("no address bound"),
+            source,
         })?;
     let server = server.run();
     let handle = server.handle();
@@ -236,4 +258,27 @@ pub async fn run(config: Config) -> Result<GatewayHandle, GatewayError> {
         tasks,
         _stats: stats,
     })
+}
+
+/// The gateway's listening socket (bound here rather than by the server so
+/// its address is known when the port is 0). The backlog is actix-server's
+/// default: connections arriving in a burst wait there to be accepted.
+fn listen(addr: &str) -> Result<std::net::TcpListener, GatewayError> {
+    let bind_error = |source| GatewayError::Bind {
+        addr: addr.to_owned(),
+        source,
+    };
+    let socket_addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| bind_error(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let socket = if socket_addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(bind_error)?;
+    socket.set_reuseaddr(true).map_err(bind_error)?;
+    socket.bind(socket_addr).map_err(bind_error)?;
+    let listener = socket.listen(2048).map_err(bind_error)?;
+    listener.into_std().map_err(bind_error)
 }

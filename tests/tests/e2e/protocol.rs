@@ -335,3 +335,96 @@ async fn broadcast_missing_is_113_and_silent_is_114() {
     assert_eq!(reply["error"]["temporary"], json!(true));
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// Writes `bytes` on a fresh socket to the gateway and reads until the
+/// server closes or `until` says the bytes so far are enough.
+async fn raw_exchange(
+    addr: std::net::SocketAddr,
+    bytes: &[u8],
+    until: impl Fn(&[u8]) -> bool,
+) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !until(&received) {
+        let n = within("the gateway's answer", STEP, stream.read(&mut chunk))
+            .await
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&chunk[..n]);
+    }
+    received
+}
+
+fn upgrade_request(path: &str, protocol: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: {protocol}\r\n\r\n"
+    )
+}
+
+#[actix_rt::test]
+async fn upgrades_are_answered_by_path_and_frames_sent_with_the_request_are_read() {
+    let cluster = TestCluster::start().await;
+    let addr = cluster.addr(0);
+
+    // An upgrade to any other path: 404, then the socket closes.
+    let answer = raw_exchange(
+        addr,
+        upgrade_request("/nope", "rt.v1.json").as_bytes(),
+        |_| false,
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+
+    // A plain GET of the endpoint: 400.
+    let plain = rt_tests::http::get(addr, "/ws", &[]).await;
+    assert_eq!(plain.status, 400, "{}", plain.text());
+
+    // A client that sends its `connect` in the same write as the upgrade
+    // request: the frame is read from what came with the request.
+    let payload = br#"{"id":1,"op":"connect"}"#;
+    let mask = [0x11u8, 0x22, 0x33, 0x44];
+    let mut bytes = upgrade_request("/ws", "rt.v1.json").into_bytes();
+    bytes.extend_from_slice(&[0x81, 0x80 | payload.len() as u8]);
+    bytes.extend_from_slice(&mask);
+    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let head_end = |b: &[u8]| b.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+    // An unmasked frame's payload: (start, length), once its header is in.
+    let payload_at = |b: &[u8], at: usize| -> Option<(usize, usize)> {
+        match *b.get(at + 1)? & 0x7f {
+            126 => Some((
+                at + 4,
+                usize::from(u16::from_be_bytes([*b.get(at + 2)?, *b.get(at + 3)?])),
+            )),
+            127 => None,
+            short => Some((at + 2, usize::from(short))),
+        }
+    };
+    let answer = raw_exchange(addr, &bytes, |b| {
+        head_end(b)
+            .and_then(|end| payload_at(b, end))
+            .is_some_and(|(start, length)| b.len() >= start + length)
+    })
+    .await;
+    let end = head_end(&answer).expect("a response head");
+    let head = String::from_utf8_lossy(&answer[..end]);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-protocol: rt.v1.json"),
+        "{head}"
+    );
+    assert_eq!(answer[end], 0x81, "a text frame");
+    let (start, length) = payload_at(&answer, end).expect("a frame header");
+    let reply: Value =
+        serde_json::from_slice(&answer[start..start + length]).expect("a JSON reply");
+    assert_eq!(reply["id"], json!(1));
+    assert!(reply["ok"]["client"].is_string(), "{reply}");
+}
