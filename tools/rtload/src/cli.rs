@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::clock::parse_duration;
-use crate::scenario::{channels, fanout, idle, ping, rpc, storm};
+use crate::scenario::{channels, chat, fanout, http_publish, idle, ping, rpc, storm};
 use crate::wire::Encoding;
 
 #[derive(Parser, Debug)]
@@ -51,6 +51,13 @@ pub enum Scenario {
     /// and restarted (by bench/storm/run); time to recover, publications lost or
     /// duplicated per client, 4007 refusals, and ping latency on gateway B meanwhile.
     Storm(storm::Args),
+    /// Chat rooms: every member publishes in its room on its own connection (open loop)
+    /// and receives all of it; publish ack and publish-to-deliver latency, loss per member.
+    Chat(chat::Args),
+    /// A backend publishing with `POST /api/publish` (open loop with --rate, closed loop
+    /// with --rate 0): request latency, throughput, responses by status and code; with
+    /// subscribers, publish-to-deliver latency and loss.
+    HttpPublish(http_publish::Args),
 }
 
 /// Options every scenario takes.
@@ -226,6 +233,115 @@ mod tests {
             panic!("rpc expected")
         };
         assert_eq!(args.plan().timeout, Duration::from_secs(12));
+    }
+
+    #[test]
+    fn chat_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "rtload",
+            "chat",
+            "--url",
+            "ws://127.0.0.1:8080/ws",
+            "--rooms",
+            "50",
+            "--members",
+            "20",
+            "--rate-per-member",
+            "0.5",
+            "--duration",
+            "20s",
+            "--encoding",
+            "json",
+            "--bind-ip",
+            "127.0.0.2,127.0.0.3",
+            "--json-out",
+            "chat.json",
+        ])
+        .unwrap();
+        let Scenario::Chat(args) = cli.scenario else {
+            panic!("chat expected")
+        };
+        assert_eq!((args.rooms, args.members), (50, 20));
+        assert_eq!(args.connections(), 1000);
+        assert_eq!(args.total_rate(), 500.0);
+        assert_eq!(args.prefix, "chat:load-");
+        assert_eq!(args.payload_bytes, 64);
+        assert_eq!(args.common.encoding, Encoding::Json);
+        assert_eq!(args.common.bind_ip.len(), 2);
+        assert_eq!(
+            args.common.json_out.as_deref(),
+            Some(std::path::Path::new("chat.json"))
+        );
+        let Scenario::Chat(args) = Cli::try_parse_from(["rtload", "chat"]).unwrap().scenario else {
+            panic!("chat expected")
+        };
+        assert_eq!(
+            (args.rooms, args.members, args.rate_per_member),
+            (10, 10, 1.0)
+        );
+    }
+
+    #[test]
+    fn http_publish_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "rtload",
+            "http-publish",
+            "--http",
+            "http://127.0.0.1:8080",
+            "--api-key",
+            "k",
+            "--channels",
+            "8",
+            "--prefix",
+            "news:x-",
+            "--rate",
+            "2000",
+            "--http-connections",
+            "16",
+            "--subscribers-per-channel",
+            "3",
+            "--bind-ip",
+            "127.0.0.2",
+        ])
+        .unwrap();
+        let Scenario::HttpPublish(args) = cli.scenario else {
+            panic!("http-publish expected")
+        };
+        assert_eq!(args.load(), crate::pubsub::Load::Rate(2000.0));
+        assert_eq!(args.http_connections().unwrap(), 16);
+        assert_eq!(args.subscribers_per_channel, 3);
+        assert_eq!(args.channel_names()[7], "news:x-7");
+        assert_eq!(args.common.api_key, "k");
+
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["rtload", "http-publish"];
+            argv.extend(extra);
+            let Scenario::HttpPublish(args) = Cli::try_parse_from(argv).unwrap().scenario else {
+                panic!("http-publish expected")
+            };
+            args
+        };
+        let open = parse(&[]);
+        assert_eq!(open.load(), crate::pubsub::Load::Rate(1000.0));
+        assert_eq!(open.http_connections().unwrap(), 4);
+        assert_eq!((open.channels, open.subscribers_per_channel), (1, 0));
+        let closed = parse(&["--rate", "0", "--concurrency", "32"]);
+        assert_eq!(closed.load(), crate::pubsub::Load::Closed(32));
+        assert_eq!(closed.http_connections().unwrap(), 32);
+        let short = parse(&[
+            "--rate",
+            "0",
+            "--concurrency",
+            "32",
+            "--http-connections",
+            "8",
+        ]);
+        assert!(short.http_connections().is_err());
+        assert!(
+            parse(&["--http-connections", "0"])
+                .http_connections()
+                .is_err()
+        );
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The collector: the single owner of everything subscribers report. It records their
 //! latency samples into one histogram as they arrive (about once a second from each) and
-//! merges their final summaries. [`Setup`], the tally of connection setup, is shared with
-//! the request/reply scenarios' collector ([`crate::calls::Collector`]).
+//! merges their final summaries (and, for chat members, their publishing). [`Setup`], the
+//! tally of connection setup, is shared with the request/reply scenarios' collector
+//! ([`crate::calls::Collector`]).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::publish::PubStats;
 use crate::stats::{self, Hist, Tally};
 use crate::subscriber::{Event, OffsetTracker};
 
@@ -62,7 +65,13 @@ pub struct Collector {
     pub unstamped: u64,
     pub closed_early: u64,
     pub errors: Tally,
-    pub offsets: Vec<OffsetTracker>,
+    /// Each subscriber that reported: its channel's index and its offsets.
+    pub offsets: Vec<(usize, OffsetTracker)>,
+    /// What the publishers did (chat members report theirs here; other scenarios merge
+    /// their publisher's at the end).
+    pub published: PubStats,
+    /// Chat members whose writer finished.
+    pub writers_done: usize,
 }
 
 impl Default for Collector {
@@ -78,6 +87,8 @@ impl Default for Collector {
             closed_early: 0,
             errors: Tally::default(),
             offsets: Vec::new(),
+            published: PubStats::new(),
+            writers_done: 0,
         }
     }
 }
@@ -99,7 +110,11 @@ impl Collector {
                 self.unstamped += s.unstamped;
                 self.closed_early += u64::from(s.closed_early);
                 self.errors.merge(&s.errors);
-                self.offsets.push(s.offsets);
+                self.offsets.push((s.channel, s.offsets));
+            }
+            Event::Published { stats, writer_done } => {
+                self.published.merge(*stats);
+                self.writers_done += usize::from(writer_done);
             }
         }
     }
@@ -110,18 +125,35 @@ impl Collector {
     }
 
     pub fn lost_in_gaps(&self) -> u64 {
-        self.offsets.iter().map(|o| o.lost).sum()
+        self.offsets.iter().map(|(_, o)| o.lost).sum()
     }
 
     pub fn out_of_order(&self) -> u64 {
-        self.offsets.iter().map(|o| o.out_of_order).sum()
+        self.offsets.iter().map(|(_, o)| o.out_of_order).sum()
     }
 
-    /// Publications up to `latest` that subscribers never received at the end of their
-    /// stream (a gap with nothing after it). `None` if no offset is known.
-    pub fn lost_in_tails(&self, latest: Option<u64>) -> Option<u64> {
-        let latest = latest?;
-        Some(self.offsets.iter().filter_map(|o| o.tail(latest)).sum())
+    /// Publications up to the newest acknowledged on its channel (`latest`, by channel
+    /// index) that each subscriber never received at the end of its stream (a gap with
+    /// nothing after it). `None` if no acknowledged offset is known.
+    pub fn lost_in_tails(&self, latest: &BTreeMap<usize, u64>) -> Option<u64> {
+        if latest.is_empty() {
+            return None;
+        }
+        Some(
+            self.offsets
+                .iter()
+                .filter_map(|(channel, o)| o.tail(*latest.get(channel)?))
+                .sum(),
+        )
+    }
+
+    /// Deliveries due to the subscribers that reported: each acknowledged measured
+    /// publication (`acked`, by channel index) once per subscriber of its channel.
+    pub fn expected(&self, acked: &BTreeMap<usize, u64>) -> u64 {
+        self.offsets
+            .iter()
+            .map(|(channel, _)| acked.get(channel).copied().unwrap_or(0))
+            .sum()
     }
 }
 
@@ -151,6 +183,7 @@ mod tests {
         let mut errors = Tally::default();
         errors.add("closed 4004", 1);
         c.on(Event::Done(Box::new(Summary {
+            channel: 0,
             delivered: 2,
             delivered_measured: 1,
             offsets,
@@ -165,8 +198,17 @@ mod tests {
         assert_eq!(c.latency.len(), 2);
         assert_eq!(c.p99_ms(), Some(0.7));
         assert_eq!(c.lost_in_gaps(), 1);
-        assert_eq!(c.lost_in_tails(Some(10)), Some(7));
-        assert_eq!(c.lost_in_tails(None), None);
+        assert_eq!(c.lost_in_tails(&BTreeMap::from([(0, 10)])), Some(7));
+        assert_eq!(c.lost_in_tails(&BTreeMap::from([(1, 10)])), Some(0));
+        assert_eq!(c.lost_in_tails(&BTreeMap::new()), None);
+        assert_eq!(c.expected(&BTreeMap::from([(0, 4), (1, 9)])), 4);
+        let mut stats = PubStats::new();
+        stats.sent = 3;
+        c.on(Event::Published {
+            stats: Box::new(stats),
+            writer_done: true,
+        });
+        assert_eq!((c.published.sent, c.writers_done), (3, 1));
         assert_eq!(c.setup.first_failure.as_deref(), Some("tcp: refused"));
         assert_eq!((c.closed_early, c.errors.total()), (1, 1));
     }

@@ -41,6 +41,8 @@ pub struct Response {
     pub body: Vec<u8>,
     /// False when the server said it will close (or HTTP/1.0): open a new connection.
     pub keep_alive: bool,
+    /// `Retry-After` in seconds (the delay form; an HTTP date is ignored).
+    pub retry_after_secs: Option<u64>,
 }
 
 pub struct HttpConn {
@@ -119,6 +121,7 @@ impl HttpConn {
             status: head.status,
             body,
             keep_alive: head.keep_alive && (head.chunked || head.content_length.is_some()),
+            retry_after_secs: head.retry_after_secs,
         })
     }
 
@@ -139,6 +142,7 @@ pub struct Head {
     pub content_length: Option<usize>,
     pub chunked: bool,
     pub keep_alive: bool,
+    pub retry_after_secs: Option<u64>,
 }
 
 /// Parses a response head if `buf` holds all of it; returns it and its length.
@@ -166,6 +170,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>> {
         content_length: None,
         chunked: false,
         keep_alive: version == "HTTP/1.1",
+        retry_after_secs: None,
     };
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
@@ -176,6 +181,8 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>> {
             head.content_length = Some(value.parse().map_err(|_| "bad Content-Length")?);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             head.chunked = value.to_ascii_lowercase().contains("chunked");
+        } else if name.eq_ignore_ascii_case("retry-after") {
+            head.retry_after_secs = value.parse().ok();
         } else if name.eq_ignore_ascii_case("connection") {
             let value = value.to_ascii_lowercase();
             if value.contains("close") {
@@ -239,14 +246,18 @@ mod tests {
                 status: 200,
                 content_length: Some(12),
                 chunked: false,
-                keep_alive: true
+                keep_alive: true,
+                retry_after_secs: None,
             }
         );
         assert_eq!(&raw[len..], b"{\"offset\":1}");
 
-        let raw = b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+        let raw = b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\nRetry-After: 1\r\nConnection: close\r\n\r\n";
         let (head, _) = parse_head(raw).unwrap().unwrap();
         assert!(head.chunked && !head.keep_alive && head.status == 503);
+        assert_eq!(head.retry_after_secs, Some(1));
+        let raw = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: Wed, 21 Oct 2015 07:28:00 GMT\r\n\r\n";
+        assert_eq!(parse_head(raw).unwrap().unwrap().0.retry_after_secs, None);
 
         let (head, _) = parse_head(b"HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
         assert!(!head.keep_alive);

@@ -17,6 +17,7 @@ mod error;
 mod http;
 mod pacer;
 mod publish;
+mod pubsub;
 mod report;
 mod scenario;
 mod stats;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::error::Result;
 
@@ -94,7 +94,19 @@ impl Window {
     pub fn count(&self) -> u64 {
         self.end - self.first
     }
+
+    /// The measured sends of a closed loop ([`spawn_closed_loop`]).
+    pub const CLOSED_LOOP: Window = Window {
+        first: CLOSED_LOOP_MEASURED,
+        end: u64::MAX,
+    };
 }
+
+/// In a closed loop the measured window is a phase, not a stretch of a schedule: sends
+/// made during the warmup are numbered from 0 and measured ones from this, so
+/// [`Window::CLOSED_LOOP`] tells them apart by sequence number as for a schedule (in
+/// publishers, subscribers and reports alike).
+pub const CLOSED_LOOP_MEASURED: u64 = 1 << 40;
 
 /// One send handed to the transport.
 #[derive(Clone, Copy, Debug)]
@@ -167,6 +179,63 @@ where
             let _ = done_tx.send(PacerOutcome { emitted, cut_short });
         })?;
     Ok(done_rx)
+}
+
+/// Starts a closed loop (a tokio task): a send as soon as one of `slots` is free, due at
+/// once; the transport gives a slot back for each send that ends, so `slots` sends are in
+/// flight at all times. Sends before `measure_from` are numbered from 0, later ones from
+/// [`CLOSED_LOOP_MEASURED`]; none is made from `end` on. `stop` ends it early.
+pub fn spawn_closed_loop(
+    tx: mpsc::Sender<Tick>,
+    slots: Arc<Semaphore>,
+    measure_from: Instant,
+    end: Instant,
+    stop: Arc<AtomicBool>,
+) -> oneshot::Receiver<PacerOutcome> {
+    let (done_tx, done_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let (mut warmup, mut measured) = (0u64, 0u64);
+        let mut cut_short = false;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                cut_short = true;
+                break;
+            }
+            // Wake up now and then to notice `stop` and `end` while every slot is taken.
+            let free = tokio::time::timeout(Duration::from_millis(50), slots.acquire()).await;
+            let permit = match free {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_)) => {
+                    cut_short = true;
+                    break;
+                }
+                Err(_) if Instant::now() >= end => break,
+                Err(_) => continue,
+            };
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            permit.forget();
+            let seq = if now < measure_from {
+                warmup += 1;
+                warmup - 1
+            } else {
+                measured += 1;
+                CLOSED_LOOP_MEASURED + measured - 1
+            };
+            if tx.send(Tick { seq, intended: now }).await.is_err() {
+                cut_short = true;
+                break;
+            }
+        }
+        drop(tx);
+        let _ = done_tx.send(PacerOutcome {
+            emitted: warmup + measured,
+            cut_short,
+        });
+    });
+    done_rx
 }
 
 /// Spreads one schedule over connections, round-robin: send `n` goes to connection
@@ -316,6 +385,45 @@ mod tests {
             // The senders went away with the pacer, so each queue ended.
             assert_eq!(seqs, (0..10).map(|i| i * 3 + k as u64).collect::<Vec<_>>());
         }
+    }
+
+    #[tokio::test]
+    async fn closed_loop_keeps_the_slots_busy_and_numbers_by_phase() {
+        let start = Instant::now();
+        let slots = Arc::new(Semaphore::new(2));
+        let (tx, mut rx) = mpsc::channel(16);
+        let done = spawn_closed_loop(
+            tx,
+            slots.clone(),
+            start + Duration::from_millis(60),
+            start + Duration::from_millis(150),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let mut seqs = Vec::new();
+        while let Some(tick) = rx.recv().await {
+            seqs.push(tick.seq);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            slots.add_permits(1);
+        }
+        let outcome = done.await.unwrap();
+        assert!(!outcome.cut_short);
+        assert_eq!(outcome.emitted, seqs.len() as u64);
+        let warmup: Vec<u64> = seqs
+            .iter()
+            .copied()
+            .filter(|s| *s < CLOSED_LOOP_MEASURED)
+            .collect();
+        let measured: Vec<u64> = seqs
+            .iter()
+            .copied()
+            .filter(|s| Window::CLOSED_LOOP.contains(*s))
+            .collect();
+        assert!(!warmup.is_empty() && !measured.is_empty(), "{seqs:?}");
+        assert_eq!(warmup, (0..warmup.len() as u64).collect::<Vec<_>>());
+        assert_eq!(measured[0], CLOSED_LOOP_MEASURED);
+        assert_eq!(seqs.len(), warmup.len() + measured.len());
+        // One send ends every 5 ms, so about 30 in 150 ms: the loop waits for free slots.
+        assert!(seqs.len() < 60, "{}", seqs.len());
     }
 
     #[tokio::test]

@@ -4,15 +4,14 @@
 //! `data.t`, so a send delayed by the transport is measured as late, not as on time.
 
 mod over_http;
-mod over_ws;
+pub mod over_ws;
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::client::Dialer;
@@ -39,12 +38,15 @@ pub struct PublishSpec {
     pub pad: String,
     pub http_base: String,
     pub api_key: String,
+    /// Publisher connections (connection `i` from the dialer's source address for `i`).
     pub connections: usize,
-    pub source: Option<IpAddr>,
     pub window: Window,
     pub clock: Clock,
     /// How long to wait for outstanding acknowledgements once sending is over.
     pub drain: Duration,
+    /// Closed loop: one permit given back for every send that ends, whatever the outcome
+    /// (the feeder, [`crate::pacer::spawn_closed_loop`], takes one per send).
+    pub slots: Option<Arc<Semaphore>>,
 }
 
 /// What the publishers did. Latencies and "measured" counts cover the measured window.
@@ -66,7 +68,15 @@ pub struct PubStats {
     /// Highest offset the server acknowledged, by index in [`PublishSpec::channels`] (to
     /// find subscribers' missing tails).
     pub max_offsets: BTreeMap<usize, u64>,
+    /// Measured acknowledgements by channel index (what each channel's subscribers should
+    /// receive).
+    pub acked_by_channel: BTreeMap<usize, u64>,
+    /// Failures of the whole run by kind (`publish error 103`, `publish http 503 code 113`).
     pub errors: Tally,
+    /// The measured sends' failures by kind.
+    pub failed_by_kind: Tally,
+    /// `Retry-After` of refused HTTP publishes, in µs (reports show ms).
+    pub retry_after: Hist,
 }
 
 impl PublishSpec {
@@ -75,10 +85,40 @@ impl PublishSpec {
         let i = (seq % self.channels.len().max(1) as u64) as usize;
         (i, self.channels.get(i).map_or("", String::as_str))
     }
+
+    /// Ends one send: its outcome counted in `stats`, the live counters moved (`written`:
+    /// it went out, so it was outstanding) and, in a closed loop, its slot given back.
+    pub fn settle(
+        &self,
+        stats: &mut PubStats,
+        tick: &Tick,
+        outcome: Result<Option<u64>, String>,
+        written: bool,
+        live: &Live,
+    ) {
+        match &outcome {
+            Ok(_) if self.window.contains(tick.seq) => Live::add(&live.acked_measured, 1),
+            Ok(_) => {}
+            Err(_) => Live::add(&live.publish_failed, 1),
+        }
+        if written {
+            Live::sub(&live.outstanding, 1);
+        }
+        stats.on_ack(tick, self.channel_of(tick.seq).0, outcome, &self.window);
+        if let Some(slots) = &self.slots {
+            slots.add_permits(1);
+        }
+    }
+}
+
+impl Default for PubStats {
+    fn default() -> Self {
+        PubStats::new()
+    }
 }
 
 impl PubStats {
-    fn new() -> Self {
+    pub fn new() -> Self {
         PubStats {
             sent: 0,
             failed: 0,
@@ -91,7 +131,10 @@ impl PubStats {
             first_write: None,
             last_write: None,
             max_offsets: BTreeMap::new(),
+            acked_by_channel: BTreeMap::new(),
             errors: Tally::default(),
+            failed_by_kind: Tally::default(),
+            retry_after: stats::new_hist(),
         }
     }
 
@@ -109,11 +152,6 @@ impl PubStats {
         }
     }
 
-    /// Highest offset acknowledged on any channel.
-    pub fn max_offset(&self) -> Option<u64> {
-        self.max_offsets.values().copied().max()
-    }
-
     fn on_ack(
         &mut self,
         tick: &Tick,
@@ -126,6 +164,7 @@ impl PubStats {
             Ok(offset) => {
                 if measured {
                     self.ok_measured += 1;
+                    *self.acked_by_channel.entry(channel).or_default() += 1;
                     let us = tick.intended.elapsed().as_micros() as u64;
                     stats::record(&mut self.ack, us);
                 }
@@ -138,6 +177,7 @@ impl PubStats {
                 self.failed += 1;
                 if measured {
                     self.failed_measured += 1;
+                    self.failed_by_kind.add(kind.clone(), 1);
                 }
                 self.errors.add(kind, 1);
             }
@@ -162,7 +202,12 @@ impl PubStats {
             let max = self.max_offsets.entry(channel).or_default();
             *max = (*max).max(offset);
         }
+        for (channel, n) in o.acked_by_channel {
+            *self.acked_by_channel.entry(channel).or_default() += n;
+        }
         self.errors.merge(&o.errors);
+        self.failed_by_kind.merge(&o.failed_by_kind);
+        stats::merge(&mut self.retry_after, &o.retry_after);
     }
 }
 
@@ -181,7 +226,7 @@ impl PubStats {
     }
 }
 
-type Queue = Arc<Mutex<mpsc::Receiver<Tick>>>;
+pub type Queue = Arc<Mutex<mpsc::Receiver<Tick>>>;
 
 /// The publisher thread, running the transport workers.
 pub struct Publisher {
@@ -265,10 +310,12 @@ async fn open_workers(
         }
         Via::Http => {
             let target = Arc::new(HttpTarget::new(&spec.http_base).await?);
-            for _ in 0..spec.connections {
-                let conn = HttpConn::connect(&target, spec.source).await?;
+            for i in 0..spec.connections {
+                let source = dialer.source_for(i);
+                let conn = HttpConn::connect(&target, source).await?;
                 workers.push(tokio::spawn(over_http::http_worker(
                     conn,
+                    source,
                     target.clone(),
                     queue.clone(),
                     spec.clone(),
@@ -335,7 +382,8 @@ mod tests {
         // seq 11..=19 were written more than 10 ms after their intended time
         assert_eq!(s.late_measured, 9);
         assert_eq!(s.lag.len(), 10);
-        assert_eq!(s.max_offset(), Some(30));
+        assert_eq!(s.acked_by_channel, BTreeMap::from([(0, 5), (1, 4)]));
+        assert_eq!(s.failed_by_kind.total(), 1);
         assert_eq!(s.max_offsets, BTreeMap::from([(0, 29), (1, 30)]));
         assert_eq!(s.errors.total(), 3);
         assert_eq!(s.last_write, Some(start + Duration::from_millis(19)));

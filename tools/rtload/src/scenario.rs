@@ -1,10 +1,13 @@
 //! Scenarios, one module each (`ping` and `rpc` share the request/reply engine in
-//! [`crate::calls`]). A scenario takes its own `Args` (with [`crate::cli::Common`]
+//! [`crate::calls`]; `fanout`, `http-publish` and `chat` the publish/subscribe run in
+//! [`crate::pubsub`]). A scenario takes its own `Args` (with [`crate::cli::Common`]
 //! flattened in), runs, prints its report and returns the exit code. To add one: a module
 //! here, a variant in [`crate::cli::Scenario`], an arm in [`run`].
 
 pub mod channels;
+pub mod chat;
 pub mod fanout;
+pub mod http_publish;
 pub mod idle;
 pub mod ping;
 pub mod rpc;
@@ -23,5 +26,7 @@ pub async fn run(scenario: Scenario) -> Result<ExitCode> {
         Scenario::Idle(args) => idle::run(args).await,
         Scenario::Rpc(args) => rpc::run(args).await,
         Scenario::Storm(args) => storm::run(args).await,
+        Scenario::Chat(args) => chat::run(args).await,
+        Scenario::HttpPublish(args) => http_publish::run(args).await,
     }
 }

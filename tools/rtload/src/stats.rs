@@ -157,6 +157,10 @@ pub struct Live {
     pub sent: AtomicU64,
     /// Publications that failed (error reply, HTTP error, broken connection).
     pub publish_failed: AtomicU64,
+    /// Publications written and not answered yet (acknowledged, refused or given up).
+    pub outstanding: AtomicU64,
+    /// Acknowledged publications whose `seq` is in the measured window.
+    pub acked_measured: AtomicU64,
     /// `pub` pushes received by all subscribers.
     pub delivered: AtomicU64,
     /// Of those, the ones whose `seq` is in the measured window.
@@ -184,6 +188,15 @@ impl Live {
     pub fn dec(counter: &AtomicU64) {
         // Only ever called after a matching increment.
         counter.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Saturating: a gauge must not wrap around if ever decremented once too often.
+    pub fn sub(counter: &AtomicU64, n: u64) {
+        if n > 0 {
+            let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
+        }
     }
 }
 

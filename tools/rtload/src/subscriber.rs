@@ -2,25 +2,29 @@
 //! `pub` pushes until told to stop, recording publish-to-deliver latency, deliveries and
 //! gaps in offsets. Everything it learns goes to the collector as [`Event`]s: latency
 //! samples once a second or every [`Samples::FLUSH_AT`] (its own buffer, so no lock on the
-//! hot path), a summary at the end.
+//! hot path), a summary at the end. [`consume`] is also the reader of a chat member, which
+//! publishes on the same socket: replies go to a handler of its own.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::MissedTickBehavior;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{self, Message};
 
-use crate::client::{Dialer, Ws};
+use crate::client::Dialer;
 use crate::clock::Clock;
 use crate::error::short;
 use crate::pacer::Window;
+use crate::publish::PubStats;
 use crate::stats::{Live, Samples, Tally};
-use crate::wire::{self, Encoding};
+use crate::wire::{self, Encoding, Incoming};
 
 pub struct SubSpec {
     pub channel: String,
+    /// The channel's index in the run's list (publishers count acknowledgements by it).
+    pub channel_index: usize,
     pub encoding: Encoding,
     pub window: Window,
     pub clock: Clock,
@@ -39,11 +43,19 @@ pub enum Event {
     Samples(Samples),
     /// The subscriber stopped (asked to, or its connection ended).
     Done(Box<Summary>),
+    /// A chat member's publishing: its writer's counts once its queue is done
+    /// (`writer_done`), its acknowledgements' when it stops.
+    Published {
+        stats: Box<PubStats>,
+        writer_done: bool,
+    },
 }
 
 /// What one subscriber saw.
 #[derive(Debug)]
 pub struct Summary {
+    /// Index of its channel (see [`SubSpec::channel_index`]).
+    pub channel: usize,
     pub delivered: u64,
     pub delivered_measured: u64,
     pub offsets: OffsetTracker,
@@ -118,7 +130,7 @@ pub async fn subscriber(
         let (offset, subscribe) = conn.subscribe(&spec.channel).await?;
         Ok::<_, crate::client::SetupError>((conn.ws, connect, subscribe, offset))
     };
-    let (ws, connect, subscribe, offset) = match setup.await {
+    let (mut ws, connect, subscribe, offset) = match setup.await {
         Ok(ready) => ready,
         Err(e) => {
             let _ = events.send(Event::Failed {
@@ -130,36 +142,29 @@ pub async fn subscriber(
     };
     let _ = events.send(Event::Ready { connect, subscribe });
     Live::add(&live.open, 1);
-    let summary = consume(
-        ws,
-        OffsetTracker::starting_at(offset),
-        &spec,
-        &live,
-        &events,
-        stop,
-    )
-    .await;
+    let summary = Summary::new(spec.channel_index, OffsetTracker::starting_at(offset));
+    let summary = consume(&mut ws, summary, &spec, &live, &events, stop, |_| {}).await;
+    if !summary.closed_early {
+        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+    }
     Live::dec(&live.open);
     let _ = events.send(Event::Done(Box::new(summary)));
 }
 
-async fn consume(
-    mut ws: Ws,
-    offsets: OffsetTracker,
+/// Reads `ws` until `stop` turns true or the socket ends: `pub` pushes into `s`, replies
+/// (messages without `push`) to `on_reply`. Samples go to `events` as they pile up.
+pub async fn consume<S>(
+    ws: &mut S,
+    mut s: Summary,
     spec: &SubSpec,
     live: &Live,
     events: &mpsc::UnboundedSender<Event>,
     mut stop: watch::Receiver<bool>,
-) -> Summary {
-    let mut s = Summary {
-        delivered: 0,
-        delivered_measured: 0,
-        offsets,
-        unstamped: 0,
-        errors: Tally::default(),
-        closed_early: false,
-        samples: Samples::default(),
-    };
+    mut on_reply: impl FnMut(&Incoming<'_>),
+) -> Summary
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
     let mut flush = tokio::time::interval(spec.flush_every);
     flush.set_missed_tick_behavior(MissedTickBehavior::Delay);
     flush.reset(); // the first tick would otherwise fire at once
@@ -167,10 +172,7 @@ async fn consume(
         tokio::select! {
             biased;
             // (The guard `wait_for` returns must not live across an await: map it away.)
-            _ = async { stop.wait_for(|stop| *stop).await.is_ok() } => {
-                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-                break;
-            }
+            _ = async { stop.wait_for(|stop| *stop).await.is_ok() } => break,
             frame = ws.next() => {
                 let frame = match frame {
                     Some(Ok(frame)) => frame,
@@ -187,7 +189,7 @@ async fn consume(
                     }
                     _ => continue,
                 };
-                s.on_frame(bytes, spec, live);
+                s.on_frame(bytes, spec, live, &mut on_reply);
                 if s.samples.len() >= Samples::FLUSH_AT {
                     let _ = events.send(Event::Samples(s.samples.take()));
                 }
@@ -203,8 +205,28 @@ async fn consume(
 }
 
 impl Summary {
-    /// The hot path: one frame, possibly several messages, all received "now".
-    fn on_frame(&mut self, bytes: &[u8], spec: &SubSpec, live: &Live) {
+    pub fn new(channel: usize, offsets: OffsetTracker) -> Self {
+        Summary {
+            channel,
+            delivered: 0,
+            delivered_measured: 0,
+            offsets,
+            unstamped: 0,
+            errors: Tally::default(),
+            closed_early: false,
+            samples: Samples::default(),
+        }
+    }
+
+    /// The hot path: one frame, possibly several messages, all received "now". Messages
+    /// that are not pushes go to `on_reply`.
+    fn on_frame(
+        &mut self,
+        bytes: &[u8],
+        spec: &SubSpec,
+        live: &Live,
+        mut on_reply: impl FnMut(&Incoming<'_>),
+    ) {
         let now_us = spec.clock.now_us();
         let (mut delivered, mut measured, mut lost) = (0, 0, 0);
         for part in wire::split_frame(spec.encoding, bytes) {
@@ -237,6 +259,8 @@ impl Summary {
                 self.errors
                     .add(format!("{kind} push {}", msg.code.unwrap_or(0)), 1);
                 Live::add(&live.errors, 1);
+            } else if msg.push.is_none() {
+                on_reply(&msg);
             }
         }
         self.delivered += delivered;
@@ -281,6 +305,7 @@ mod tests {
     fn a_batched_frame_records_each_publication() {
         let spec = SubSpec {
             channel: "bench:fanout".into(),
+            channel_index: 0,
             encoding: Encoding::Msgpack,
             window: Window { first: 2, end: 100 },
             clock: Clock::new(),
@@ -301,16 +326,11 @@ mod tests {
             rmp_serde::to_vec_named(&json!({"push": "unsubscribed", "channel": "c", "code": 112}))
                 .unwrap(),
         );
-        let mut s = Summary {
-            delivered: 0,
-            delivered_measured: 0,
-            offsets: OffsetTracker::starting_at(Some(0)),
-            unstamped: 0,
-            errors: Tally::default(),
-            closed_early: false,
-            samples: Samples::default(),
-        };
-        s.on_frame(&frame, &spec, &live);
+        frame.extend(rmp_serde::to_vec_named(&json!({"id": 7, "ok": {"offset": 6}})).unwrap());
+        let mut s = Summary::new(0, OffsetTracker::starting_at(Some(0)));
+        let mut replies = Vec::new();
+        s.on_frame(&frame, &spec, &live, |m| replies.push(m.id));
+        assert_eq!(replies, [Some(7)], "the reply went to the handler");
         assert_eq!((s.delivered, s.delivered_measured, s.unstamped), (5, 3, 1));
         assert_eq!(s.offsets.lost, 1);
         assert_eq!(s.samples.len(), 3);

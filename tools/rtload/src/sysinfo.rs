@@ -154,6 +154,19 @@ pub fn raise_fd_limit() -> (Option<FdLimit>, Option<String>) {
     (after.or(Some(before)), note)
 }
 
+/// Raises the descriptor limit for a run that needs about `needed` descriptors: warns on
+/// stderr at once when it stays too low, and returns the limit in force and a note for the
+/// report when raising failed.
+pub fn prepare_fds(needed: u64) -> (Option<FdLimit>, Vec<String>) {
+    let (fd, note) = raise_fd_limit();
+    if let Some(soft) = fd.and_then(|fd| fd.soft).filter(|soft| *soft < needed) {
+        eprintln!(
+            "rtload: warning: descriptor limit {soft} < ~{needed} needed; connections will fail"
+        );
+    }
+    (fd, note.into_iter().collect())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

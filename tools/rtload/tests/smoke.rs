@@ -135,6 +135,120 @@ async fn fanout_ping_rpc_and_idle_scenarios_run_against_the_real_services() {
     println!("idle report: {idle}");
 }
 
+/// Chat rooms (every member publishing on its own connection and receiving its whole
+/// room) and a backend publishing over HTTP (open loop with subscribers, then a closed
+/// loop): everything acknowledged, everything delivered, nothing lost, no errors.
+#[actix_rt::test]
+async fn chat_and_http_publish_scenarios_run_against_the_real_services() {
+    let cluster = TestCluster::start().await;
+    let dir = tempfile_dir();
+    let http = format!("http://{}", cluster.addr(0));
+
+    let report = dir.join("chat.json");
+    let mut args: Vec<String> = vec!["chat".into()];
+    args.extend(common(&cluster, &report));
+    args.extend(
+        [
+            "--rooms",
+            "3",
+            "--members",
+            "4",
+            "--rate-per-member",
+            "5",
+            "--prefix",
+            "chat:smoke-room-",
+        ]
+        .map(str::to_owned),
+    );
+    let chat = rtload(args, &report).await;
+    assert_eq!(chat["connections"]["established"], 12, "{chat}");
+    assert_eq!(chat["publish"]["failed"], 0, "{chat}");
+    assert_eq!(chat["unsent"]["member_gone"], 0, "{chat}");
+    assert_eq!(chat["lost"]["total"], 0, "{chat}");
+    assert_eq!(chat["errors"]["total"], 0, "{chat}");
+    let delivery = &chat["delivery"];
+    assert_eq!(delivery["delivered"], delivery["expected"], "{chat}");
+    // 60 messages/s for 2 s, each to the 4 members of its room.
+    assert!(
+        chat["publish"]["acked"].as_u64().is_some_and(|n| n >= 100),
+        "{chat}"
+    );
+    assert!(
+        delivery["expected"].as_u64().is_some_and(|n| n >= 4 * 100),
+        "{chat}"
+    );
+    assert!(chat["latency_ms"]["p99_ms"].is_f64(), "{chat}");
+    assert!(chat["publish"]["ack_ms"]["p99_ms"].is_f64(), "{chat}");
+
+    let report = dir.join("http-publish.json");
+    let mut args: Vec<String> = vec!["http-publish".into()];
+    args.extend(common(&cluster, &report));
+    args.extend(
+        [
+            "--http",
+            &http,
+            "--api-key",
+            API_KEY,
+            "--channels",
+            "3",
+            "--prefix",
+            "chat:smoke-http-",
+            "--rate",
+            "60",
+            "--http-connections",
+            "2",
+            "--subscribers-per-channel",
+            "2",
+        ]
+        .map(str::to_owned),
+    );
+    let hp = rtload(args, &report).await;
+    assert_eq!(hp["publish"]["failed"], 0, "{hp}");
+    assert_eq!(hp["errors"]["total"], 0, "{hp}");
+    assert!(
+        hp["responses"]["ok"].as_u64().is_some_and(|n| n >= 100),
+        "{hp}"
+    );
+    let subscribers = &hp["subscribers"];
+    assert_eq!(subscribers["connections"]["established"], 6, "{hp}");
+    assert_eq!(subscribers["lost"]["total"], 0, "{hp}");
+    let delivery = &subscribers["delivery"];
+    assert_eq!(delivery["delivered"], delivery["expected"], "{hp}");
+    assert!(
+        delivery["expected"].as_u64().is_some_and(|n| n >= 2 * 100),
+        "{hp}"
+    );
+
+    // Closed loop: as fast as 4 requests in flight go, no subscribers.
+    let report = dir.join("http-publish-closed.json");
+    let mut args: Vec<String> = vec!["http-publish".into()];
+    args.extend(common(&cluster, &report));
+    args.extend(
+        [
+            "--http",
+            &http,
+            "--api-key",
+            API_KEY,
+            "--rate",
+            "0",
+            "--concurrency",
+            "4",
+            "--prefix",
+            "chat:smoke-closed-",
+        ]
+        .map(str::to_owned),
+    );
+    let closed = rtload(args, &report).await;
+    assert_eq!(closed["publish"]["failed"], 0, "{closed}");
+    assert_eq!(closed["errors"]["total"], 0, "{closed}");
+    assert!(
+        closed["publish"]["acked"].as_u64().is_some_and(|n| n > 0),
+        "{closed}"
+    );
+    assert_eq!(closed["config"]["concurrency"], 4, "{closed}");
+    println!("chat report: {chat}\nhttp-publish report: {hp}\nclosed loop: {closed}");
+}
+
 /// The reconnect storm in miniature: 20 clients on gateway A (2 channels), 5 pinging
 /// gateway B, a publisher through B, admission control tight enough to refuse some
 /// connects. Once rtload says READY, A is stopped abruptly (a crash, in-process) and a new

@@ -1,6 +1,7 @@
 //! Publishing with `POST /api/publish` over keep-alive HTTP/1.1: one request at a time
 //! per connection, reconnecting after an error.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,7 @@ struct HttpError {
 
 pub(super) async fn http_worker(
     first: HttpConn,
+    source: Option<IpAddr>,
     target: Arc<HttpTarget>,
     queue: Queue,
     spec: Arc<PublishSpec>,
@@ -45,29 +47,46 @@ pub(super) async fn http_worker(
     );
     let mut stats = PubStats::new();
     let mut conn = Some(first);
+    let endpoint = Endpoint {
+        target: &target,
+        source,
+        headers: &headers,
+    };
     while let Some(batch) = next_batch(&queue, 1).await {
         for tick in batch {
+            let mut written = false;
             let outcome = http_publish(
-                &mut conn, &target, &headers, &tick, &spec, &mut stats, &live,
+                &mut conn,
+                &endpoint,
+                &tick,
+                &spec,
+                &mut stats,
+                &live,
+                &mut written,
             )
             .await;
-            if outcome.is_err() {
-                Live::add(&live.publish_failed, 1);
-            }
-            stats.on_ack(&tick, spec.channel_of(tick.seq).0, outcome, &spec.window);
+            spec.settle(&mut stats, &tick, outcome, written, &live);
         }
     }
     stats
 }
 
+/// Where and how a worker's requests go.
+struct Endpoint<'a> {
+    target: &'a HttpTarget,
+    source: Option<IpAddr>,
+    headers: &'a str,
+}
+
+/// One `POST /api/publish`; `written` turns true once the request went out.
 async fn http_publish(
     conn: &mut Option<HttpConn>,
-    target: &HttpTarget,
-    headers: &str,
+    endpoint: &Endpoint<'_>,
     tick: &Tick,
     spec: &PublishSpec,
     stats: &mut PubStats,
     live: &Live,
+    written: &mut bool,
 ) -> Result<Option<u64>, String> {
     let body = serde_json::to_vec(&HttpPublish {
         channel: spec.channel_of(tick.seq).1,
@@ -80,7 +99,7 @@ async fn http_publish(
     .map_err(|e| format!("publish encode: {e}"))?;
     if conn.is_none() {
         *conn = Some(
-            HttpConn::connect(target, spec.source)
+            HttpConn::connect(endpoint.target, endpoint.source)
                 .await
                 .map_err(|_| "publish http connect failed".to_string())?,
         );
@@ -90,7 +109,9 @@ async fn http_publish(
     };
     stats.on_write(tick, Instant::now(), &spec.window);
     Live::add(&live.sent, 1);
-    let request = c.request("POST", "/api/publish", headers, &body);
+    Live::add(&live.outstanding, 1);
+    *written = true;
+    let request = c.request("POST", "/api/publish", endpoint.headers, &body);
     let response = match tokio::time::timeout(Duration::from_secs(10), request).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => {
@@ -109,6 +130,9 @@ async fn http_publish(
     if (200..300).contains(&response.status) {
         Ok(reply.offset)
     } else {
+        if let Some(secs) = response.retry_after_secs {
+            crate::stats::record(&mut stats.retry_after, secs.saturating_mul(1_000_000));
+        }
         let code = reply.error.map_or(0, |e| e.code);
         Err(format!("publish http {} code {code}", response.status))
     }

@@ -528,10 +528,10 @@ pub async fn measure(args: &Args) -> Result<StormReport> {
         http_base: publish_url.clone(),
         api_key: common.api_key.clone(),
         connections: publishers,
-        source: dialer.source_for(0),
         window: ALL,
         clock,
         drain: common.drain,
+        slots: None,
     });
     let (pub_tx, publisher) = match publish::start(pub_spec, dialer.clone(), pub_live.clone()).await
     {
