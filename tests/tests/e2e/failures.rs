@@ -118,18 +118,6 @@ async fn follow(client: WsClient, channel: String, target: watch::Receiver<Optio
     follow_with(client, channel, target, None).await
 }
 
-/// [`follow`], and when the socket ends (its gateway died), connects again
-/// to `reconnect_url` (retrying while it is down) and resubscribes with
-/// `since`, as a client SDK does.
-async fn follow_reconnecting(
-    client: WsClient,
-    channel: String,
-    target: watch::Receiver<Option<u64>>,
-    reconnect_url: String,
-) -> Seen {
-    follow_with(client, channel, target, Some(reconnect_url)).await
-}
-
 /// A new connection to `url`, retried every 50 ms for up to 30 s.
 async fn reconnect(url: &str, encoding: WsEncoding) -> WsClient {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -145,6 +133,9 @@ async fn reconnect(url: &str, encoding: WsEncoding) -> WsClient {
     }
 }
 
+/// [`follow`]; with `reconnect_url`, when the socket ends (its gateway
+/// died) it connects again there (retrying while it is down) and
+/// resubscribes with `since`, as a client SDK does.
 async fn follow_with(
     mut client: WsClient,
     channel: String,
@@ -325,14 +316,39 @@ async fn stream_through(
     disrupt_after: usize,
     disruption: Disruption<'_>,
 ) {
+    let mut subscribers = Vec::new();
+    for encoding in WsEncoding::BOTH {
+        subscribers.push((cluster.client(0, encoding).await, None));
+    }
+    stream_to(
+        cluster,
+        channel,
+        count,
+        disrupt_after,
+        disruption,
+        subscribers,
+    )
+    .await;
+}
+
+/// [`stream_through`] with the caller's subscribers: each a connected
+/// client and, for one that should survive its socket, where to reconnect.
+async fn stream_to(
+    cluster: &mut TestCluster,
+    channel: &str,
+    count: usize,
+    disrupt_after: usize,
+    disruption: Disruption<'_>,
+    subscribers: Vec<(WsClient, Option<String>)>,
+) {
     let (target_tx, target_rx) = watch::channel(None);
     let mut followers = Vec::new();
-    for encoding in WsEncoding::BOTH {
-        let client = cluster.client(0, encoding).await;
-        followers.push(actix_rt::spawn(follow(
+    for (client, reconnect_url) in subscribers {
+        followers.push(actix_rt::spawn(follow_with(
             client,
             channel.to_owned(),
             target_rx.clone(),
+            reconnect_url,
         )));
     }
     // Let the subscriptions settle before the first publication.
@@ -973,64 +989,26 @@ async fn a_gateway_process_killed_with_sigkill_mid_stream_loses_no_acknowledged_
     let doomed = format!("ws://{addr}/ws");
     // Subscribers on the gateway that dies: one comes back to it once it is
     // restarted, the other moves to the cluster's other gateway.
-    let (target_tx, target_rx) = watch::channel(None);
-    let mut followers = Vec::new();
-    for (encoding, comeback) in [
-        (WsEncoding::MsgPack, doomed.clone()),
-        (WsEncoding::Json, cluster.ws_url(0)),
-    ] {
-        let client = WsClient::connected(&doomed, encoding).await;
-        followers.push(actix_rt::spawn(follow_reconnecting(
-            client,
-            channel.to_owned(),
-            target_rx.clone(),
-            comeback,
-        )));
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let acked = Arc::new(AtomicUsize::new(0));
-    let count = 3_000;
-    let publisher = tokio::spawn(publish_all(
-        cluster.nats_client().await,
-        channel.to_owned(),
-        count,
-        8,
-        acked.clone(),
-    ));
-    eventually(
-        "publications before the kill",
-        Duration::from_secs(30),
-        || {
-            let acked = acked.clone();
-            async move { (acked.load(Ordering::Relaxed) >= 800).then_some(()) }
-        },
-    )
-    .await;
-    disrupt(
+    let subscribers = vec![
+        (
+            WsClient::connected(&doomed, WsEncoding::MsgPack).await,
+            Some(doomed.clone()),
+        ),
+        (
+            WsClient::connected(&doomed, WsEncoding::Json).await,
+            Some(cluster.ws_url(0)),
+        ),
+    ];
+    stream_to(
         &mut cluster,
+        channel,
+        3_000,
+        800,
         Disruption::KillProcess {
             process: &mut gateway,
             restart: true,
         },
+        subscribers,
     )
     .await;
-    let acks = within(
-        "every publication acknowledged",
-        Duration::from_secs(90),
-        publisher,
-    )
-    .await
-    .expect("publisher");
-    let newest = acks.values().map(|(offset, _)| *offset).max().unwrap_or(0);
-    target_tx.send(Some(newest)).expect("followers listen");
-    for follower in followers {
-        let seen = within(
-            "the subscriber catches up",
-            Duration::from_secs(30),
-            follower,
-        )
-        .await
-        .expect("follower");
-        check(channel, count, &acks, &seen);
-    }
 }
