@@ -384,6 +384,7 @@ pub async fn measure(plan: &Plan) -> Result<report::CallsReport> {
         }
     }
 
+    let server = sysinfo::server_between(cpu_start, cpu_end);
     let (cpu_percent, machine_cpu_percent) = sysinfo::cpu_between(cpu_start, cpu_end, cores);
     let generator = Generator {
         cores,
@@ -395,6 +396,7 @@ pub async fn measure(plan: &Plan) -> Result<report::CallsReport> {
         late_sends: col.stats.late_measured,
         max_send_lag_ms: Summary::of(&col.hists.lag).map(|s| s.max_ms),
         warnings: notes,
+        server,
     }
     .fd(fd)
     .assessed();

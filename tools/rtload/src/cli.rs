@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::clock::parse_duration;
+use crate::compare;
 use crate::scenario::{channels, chat, fanout, http_publish, idle, ping, rpc, storm};
 use crate::wire::Encoding;
 
@@ -25,6 +26,13 @@ pub struct Cli {
     /// Tokio worker threads (default: one per core).
     #[arg(long, global = true)]
     pub threads: Option<usize>,
+
+    /// The server's process ids on this machine, comma-separated (e.g. gateway, broadcast,
+    /// session and nats-server; or a Node.js cluster's primary, workers and nats-server):
+    /// their CPU time (utime + stime, all threads, from /proc/<pid>/stat) and resident
+    /// memory (VmRSS) over the measured window go in the report as `server`.
+    #[arg(long, global = true, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
 
     #[command(subcommand)]
     pub scenario: Scenario,
@@ -58,6 +66,9 @@ pub enum Scenario {
     /// with --rate 0): request latency, throughput, responses by status and code; with
     /// subscribers, publish-to-deliver latency and loss.
     HttpPublish(http_publish::Args),
+    /// Not a scenario: reads the JSON results of a comparison run (bench/compare/run:
+    /// runs.json, machine.json and one report per run) and writes report.md and SVG plots.
+    Report(compare::Args),
 }
 
 /// Options every scenario takes.
@@ -371,11 +382,43 @@ mod tests {
         assert_eq!(args.connections, 5000);
         assert_eq!(args.hold, Duration::from_secs(20));
         assert_eq!(args.settle, Duration::from_secs(5));
-        assert_eq!(args.gateway_pid, Some(4242));
+        assert_eq!(args.gateway_pid, vec![4242]);
         assert_eq!(args.common.bind_ip.len(), 2);
         let Scenario::Idle(args) = Cli::try_parse_from(["rtload", "idle"]).unwrap().scenario else {
             panic!("idle expected")
         };
-        assert_eq!((args.metrics, args.gateway_pid), (None, None));
+        assert_eq!((args.metrics, args.gateway_pid), (None, vec![]));
+        let Scenario::Idle(args) = Cli::try_parse_from([
+            "rtload",
+            "idle",
+            "--gateway-pid",
+            "1,2",
+            "--gateway-pid",
+            "3",
+        ])
+        .unwrap()
+        .scenario
+        else {
+            panic!("idle expected")
+        };
+        assert_eq!(args.gateway_pid, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn server_pids_are_global() {
+        let cli = Cli::try_parse_from([
+            "rtload",
+            "ping",
+            "--server-pid",
+            "10,11",
+            "--connections",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(cli.server_pid, vec![10, 11]);
+        let cli = Cli::try_parse_from(["rtload", "--server-pid", "7", "idle"]).unwrap();
+        assert_eq!(cli.server_pid, vec![7]);
+        let cli = Cli::try_parse_from(["rtload", "report", "--input", "a", "--out", "b"]).unwrap();
+        assert!(matches!(cli.scenario, Scenario::Report(_)));
     }
 }

@@ -13,6 +13,7 @@ mod cli;
 mod client;
 mod clock;
 mod collector;
+mod compare;
 mod error;
 mod http;
 mod pacer;
@@ -31,6 +32,16 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    sysinfo::set_server_pids(cli.server_pid.clone());
+    if let cli::Scenario::Report(args) = &cli.scenario {
+        return match compare::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rtload report: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name("rtload-worker");
     if let Some(threads) = cli.threads {

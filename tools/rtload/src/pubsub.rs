@@ -330,6 +330,7 @@ impl Run {
         fd: Option<FdLimit>,
         fds_needed: u64,
     ) -> Generator {
+        let server = sysinfo::server_between(cpu.0, cpu.1);
         let (cpu_percent, machine_cpu_percent) = sysinfo::cpu_between(cpu.0, cpu.1, self.cores);
         let pubs = &self.col.published;
         Generator {
@@ -342,6 +343,7 @@ impl Run {
             late_sends: pubs.late_measured,
             max_send_lag_ms: Summary::of(&pubs.lag).map(|s| s.max_ms),
             warnings: std::mem::take(&mut self.notes),
+            server,
         }
         .fd(fd)
         .assessed()

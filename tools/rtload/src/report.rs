@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::stats::Summary;
-use crate::sysinfo::FdLimit;
+use crate::sysinfo::{FdLimit, ServerUsage};
 
 /// Generator CPU above this share of all cores makes results suspect.
 pub const CPU_WARN_PERCENT: f64 = 80.0;
@@ -111,6 +111,10 @@ pub struct Generator {
     pub late_sends: u64,
     pub max_send_lag_ms: Option<f64>,
     pub warnings: Vec<String>,
+    /// The server's processes over the same window (`--server-pid`); [`write_json`]
+    /// moves it to the report's top level as `server`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerUsage>,
 }
 
 impl Generator {
@@ -172,17 +176,35 @@ impl Generator {
             self.late_sends,
             fmt_ms(self.max_send_lag_ms),
         ));
+        if let Some(server) = &self.server {
+            server.render(out);
+        }
         for w in &self.warnings {
             out.push_str(&format!("WARNING       {w}\n"));
         }
     }
 }
 
+/// Writes the report as pretty JSON. The server's usage (`generator.server`, present with
+/// `--server-pid`) goes to the top level as `server`: `server.cpu_seconds`,
+/// `server.rss_bytes`.
 pub fn write_json(path: &Path, report: &impl Serialize) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(report)?;
+    let mut value = serde_json::to_value(report)?;
+    hoist_server(&mut value);
+    let mut text = serde_json::to_string_pretty(&value)?;
     text.push('\n');
     std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
     Ok(())
+}
+
+fn hoist_server(value: &mut serde_json::Value) {
+    let server = value
+        .get_mut("generator")
+        .and_then(serde_json::Value::as_object_mut)
+        .and_then(|g| g.remove("server"));
+    if let (Some(server), Some(top)) = (server, value.as_object_mut()) {
+        top.insert("server".into(), server);
+    }
 }
 
 #[cfg(test)]
@@ -249,6 +271,7 @@ mod tests {
             late_sends: 3,
             max_send_lag_ms: Some(25.5),
             warnings: vec![],
+            server: None,
         }
         .fd(Some(fd))
         .assessed();
@@ -268,6 +291,7 @@ mod tests {
         };
         let shared = Generator {
             warnings: vec![],
+            server: None,
             ..shared
         }
         .assessed();
@@ -284,10 +308,27 @@ mod tests {
             late_sends: 0,
             max_send_lag_ms: None,
             warnings: vec![],
+            server: None,
         }
         .assessed();
         assert!(calm.warnings.is_empty());
         let json = serde_json::to_value(&calm).unwrap();
         assert_eq!(json["fd_soft_limit"], serde_json::Value::Null);
+        assert!(json.get("server").is_none());
+    }
+
+    #[test]
+    fn server_usage_moves_to_the_top_level() {
+        let mut value = serde_json::json!({
+            "scenario": "ping",
+            "generator": {"cores": 2, "server": {"cpu_seconds": 1.5, "rss_bytes": 10}},
+        });
+        hoist_server(&mut value);
+        assert_eq!(value["server"]["cpu_seconds"], 1.5);
+        assert_eq!(value["server"]["rss_bytes"], 10);
+        assert!(value["generator"].get("server").is_none());
+        let mut plain = serde_json::json!({"generator": {"cores": 2}});
+        hoist_server(&mut plain);
+        assert!(plain.get("server").is_none());
     }
 }

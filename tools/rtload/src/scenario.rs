@@ -28,5 +28,6 @@ pub async fn run(scenario: Scenario) -> Result<ExitCode> {
         Scenario::Storm(args) => storm::run(args).await,
         Scenario::Chat(args) => chat::run(args).await,
         Scenario::HttpPublish(args) => http_publish::run(args).await,
+        Scenario::Report(args) => crate::compare::run(&args).map(|()| ExitCode::SUCCESS),
     }
 }

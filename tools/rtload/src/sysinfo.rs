@@ -1,9 +1,14 @@
 //! Is the generator itself the bottleneck? Its CPU time (`/proc/self/stat`), its
 //! file-descriptor limit (`/proc/self/limits`, raised with `prlimit(1)`: this workspace
-//! forbids `unsafe`, so no direct `setrlimit`), and the number of cores.
+//! forbids `unsafe`, so no direct `setrlimit`), and the number of cores. Also the server's
+//! own cost when it runs here (`--server-pid`): CPU time and resident memory of its
+//! processes, read from `/proc/<pid>/stat` and `/proc/<pid>/status` with every sample.
 
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Instant;
+
+use serde::Serialize;
 
 /// Clock ticks per second of `/proc/*/stat` times (`USER_HZ`): 100 on every Linux ABI
 /// rtload targets (it is fixed for user space and independent of the kernel's HZ).
@@ -15,10 +20,12 @@ pub fn cores() -> usize {
 
 /// Process CPU time (user + system, all threads) and the machine's busy/total CPU time,
 /// at a moment.
+/// With `--server-pid`, the server processes' readings too.
 #[derive(Clone, Copy, Debug)]
 pub struct CpuSample {
     ticks: u64,
     machine: Option<(u64, u64)>,
+    server: Option<ServerSample>,
     at: Instant,
 }
 
@@ -31,6 +38,7 @@ impl CpuSample {
         Some(CpuSample {
             ticks: parse_stat_ticks(&stat)?,
             machine,
+            server: ServerSample::now(),
             at: Instant::now(),
         })
     }
@@ -68,6 +76,154 @@ pub fn cpu_between(
             a.machine_percent_until(&b),
         ),
         _ => (None, None),
+    }
+}
+
+/// The server's processes (`--server-pid`, set once at start by `main`).
+static SERVER_PIDS: OnceLock<Vec<u32>> = OnceLock::new();
+
+/// Records the server's process ids; every later [`CpuSample`] reads them too.
+pub fn set_server_pids(pids: Vec<u32>) {
+    if !pids.is_empty() {
+        let _ = SERVER_PIDS.set(pids);
+    }
+}
+
+/// At most this many `--server-pid`s are sampled (the rest are ignored), so that a sample
+/// stays `Copy`.
+pub const MAX_SERVER_PIDS: usize = 16;
+
+/// CPU ticks and resident memory of each server process at one moment; a process that
+/// could not be read (gone) is left out.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ServerSample {
+    /// (pid, utime + stime ticks, VmRSS bytes); the first `len` are valid.
+    slots: [(u32, u64, u64); MAX_SERVER_PIDS],
+    len: usize,
+}
+
+impl ServerSample {
+    fn now() -> Option<Self> {
+        let pids = SERVER_PIDS.get()?;
+        Some(ServerSample::read(pids))
+    }
+
+    pub fn read(pids: &[u32]) -> Self {
+        Self::of(pids.iter().take(MAX_SERVER_PIDS).filter_map(|&pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            Some((pid, parse_stat_ticks(&stat)?, parse_vmrss(&status)?))
+        }))
+    }
+
+    /// From (pid, ticks, rss) readings (the first [`MAX_SERVER_PIDS`]).
+    pub fn of(readings: impl IntoIterator<Item = (u32, u64, u64)>) -> Self {
+        let mut sample = ServerSample {
+            slots: [(0, 0, 0); MAX_SERVER_PIDS],
+            len: 0,
+        };
+        for r in readings.into_iter().take(MAX_SERVER_PIDS) {
+            sample.slots[sample.len] = r;
+            sample.len += 1;
+        }
+        sample
+    }
+
+    fn procs(&self) -> &[(u32, u64, u64)] {
+        &self.slots[..self.len]
+    }
+}
+
+/// What the server's processes cost over a window: `server` in the JSON reports.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ServerUsage {
+    /// The processes asked for (`--server-pid`).
+    pub pids: Vec<u32>,
+    /// Of those, the ones readable at both ends of the window.
+    pub pids_measured: usize,
+    /// utime + stime summed over the processes (all their threads), over the window.
+    pub cpu_seconds: f64,
+    /// The window's length.
+    pub window_s: f64,
+    /// cpu_seconds / window: 1.0 is one core busy all the time.
+    pub cores_busy: f64,
+    /// Summed VmRSS at the end of the window.
+    pub rss_bytes: u64,
+    /// Summed VmRSS at its start.
+    pub rss_start_bytes: u64,
+}
+
+impl ServerUsage {
+    /// One text line for the reports.
+    pub fn render(&self, out: &mut String) {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        out.push_str(&format!(
+            "server        cpu {:.2} s over {:.1} s ({:.2} cores busy); rss {:.1} MiB at the end ({:.1} MiB at the start); pids {}{}\n",
+            self.cpu_seconds,
+            self.window_s,
+            self.cores_busy,
+            mib(self.rss_bytes),
+            mib(self.rss_start_bytes),
+            self.pids
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            if self.pids_measured < self.pids.len() {
+                format!(" ({} of them readable)", self.pids_measured)
+            } else {
+                String::new()
+            },
+        ));
+    }
+}
+
+/// The server's CPU seconds and memory between two samples taken with `--server-pid`:
+/// per process present in both (a process that exited is left out of both sides).
+pub fn server_between(a: Option<CpuSample>, b: Option<CpuSample>) -> Option<ServerUsage> {
+    let (a, b) = (a?, b?);
+    let (sa, sb) = (a.server.as_ref()?, b.server.as_ref()?);
+    let window = b.at.saturating_duration_since(a.at).as_secs_f64();
+    Some(usage_between(sa, sb, window))
+}
+
+pub fn usage_between(a: &ServerSample, b: &ServerSample, window_s: f64) -> ServerUsage {
+    let mut ticks = 0u64;
+    let mut measured = 0usize;
+    for (pid, t1, _) in b.procs() {
+        if let Some((_, t0, _)) = a.procs().iter().find(|(p, _, _)| p == pid) {
+            ticks += t1.saturating_sub(*t0);
+            measured += 1;
+        }
+    }
+    let cpu_seconds = crate::stats::round3(ticks as f64 / USER_HZ);
+    let mut pids: Vec<u32> = SERVER_PIDS.get().cloned().unwrap_or_default();
+    if pids.is_empty() {
+        pids = b.procs().iter().map(|(p, _, _)| *p).collect();
+    }
+    ServerUsage {
+        pids,
+        pids_measured: measured,
+        cpu_seconds,
+        window_s: crate::stats::round3(window_s),
+        cores_busy: if window_s > 0.0 {
+            crate::stats::round3(cpu_seconds / window_s)
+        } else {
+            0.0
+        },
+        rss_bytes: b.procs().iter().map(|(_, _, r)| r).sum(),
+        rss_start_bytes: a.procs().iter().map(|(_, _, r)| r).sum(),
+    }
+}
+
+/// `VmRSS:    12345 kB` of `/proc/<pid>/status`, in bytes.
+pub fn parse_vmrss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut fields = line["VmRSS:".len()..].split_whitespace();
+    let value: u64 = fields.next()?.parse().ok()?;
+    match fields.next() {
+        Some("kB") | None => Some(value * 1024),
+        Some(_) => None,
     }
 }
 
@@ -196,6 +352,7 @@ mod tests {
         let a = CpuSample {
             ticks: 0,
             machine: Some((170, 990)),
+            server: None,
             at: Instant::now(),
         };
         let b = CpuSample {
@@ -203,6 +360,35 @@ mod tests {
             ..a
         };
         assert_eq!(a.machine_percent_until(&b), Some(90.0));
+    }
+
+    #[test]
+    fn server_usage_sums_processes_present_at_both_ends() {
+        let a = ServerSample::of([(1, 100, 10 << 20), (2, 50, 5 << 20), (3, 7, 1 << 20)]);
+        // pid 3 exited, pid 4 appeared: both left out of the CPU sum.
+        let b = ServerSample::of([(1, 350, 12 << 20), (2, 60, 6 << 20), (4, 900, 1 << 20)]);
+        let u = usage_between(&a, &b, 10.0);
+        assert_eq!(u.cpu_seconds, 2.6);
+        assert_eq!(u.cores_busy, 0.26);
+        assert_eq!(u.pids_measured, 2);
+        assert_eq!(u.rss_bytes, 19 << 20);
+        assert_eq!(u.rss_start_bytes, 16 << 20);
+        let mut text = String::new();
+        u.render(&mut text);
+        assert!(
+            text.starts_with(
+                "server        cpu 2.60 s over 10.0 s (0.26 cores busy); rss 19.0 MiB"
+            ),
+            "{text}"
+        );
+        // Our own process reads like a server would.
+        let own = ServerSample::read(&[std::process::id(), u32::MAX]);
+        assert_eq!(own.procs().len(), 1);
+        assert!(own.procs()[0].2 > 0);
+        assert_eq!(
+            ServerSample::of((0..40).map(|p| (p, 0, 0))).len,
+            MAX_SERVER_PIDS
+        );
     }
 
     #[test]

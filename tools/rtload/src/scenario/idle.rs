@@ -52,10 +52,11 @@ pub struct Args {
     #[arg(long)]
     pub metrics: Option<String>,
 
-    /// The gateway's process id, when it runs on this machine: memory is read from
-    /// /proc/<pid>/status (VmRSS) instead of --metrics, which is more precise.
-    #[arg(long)]
-    pub gateway_pid: Option<u32>,
+    /// The gateway's process id(s), when it runs on this machine: memory is read from
+    /// /proc/<pid>/status (VmRSS, summed over the pids: e.g. a Node.js cluster's primary
+    /// and workers, comma-separated or repeated) instead of --metrics, which is more precise.
+    #[arg(long, value_delimiter = ',')]
+    pub gateway_pid: Vec<u32>,
 }
 
 enum Event {
@@ -176,7 +177,7 @@ pub async fn measure(args: &Args) -> Result<IdleReport> {
         return Err("--hold must be longer than 0".into());
     }
     let cores = sysinfo::cores();
-    let source = Source::new(args.gateway_pid, args.metrics.as_deref(), &common.url).await?;
+    let source = Source::new(&args.gateway_pid, args.metrics.as_deref(), &common.url).await?;
     let before = read_before(&source).await?;
     let fds_needed = (args.connections + 64) as u64;
     let (fd, fd_note) = sysinfo::raise_fd_limit();
@@ -337,6 +338,7 @@ pub async fn measure(args: &Args) -> Result<IdleReport> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    let server = sysinfo::server_between(cpu_start, cpu_end);
     let (cpu_percent, machine_cpu_percent) = sysinfo::cpu_between(cpu_start, cpu_end, cores);
     let generator = Generator {
         cores,
@@ -348,6 +350,7 @@ pub async fn measure(args: &Args) -> Result<IdleReport> {
         late_sends: 0,
         max_send_lag_ms: None,
         warnings: notes,
+        server,
     }
     .fd(fd)
     .assessed();
@@ -537,6 +540,7 @@ mod tests {
                 late_sends: 0,
                 max_send_lag_ms: None,
                 warnings: vec![],
+                server: None,
             }
             .assessed(),
         };

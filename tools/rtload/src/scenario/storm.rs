@@ -737,6 +737,7 @@ pub async fn measure(args: &Args) -> Result<StormReport> {
         }
     }
 
+    let server = sysinfo::server_between(cpu_storm.0, cpu_storm.1);
     let (cpu_percent, machine_cpu_percent) = sysinfo::cpu_between(cpu_storm.0, cpu_storm.1, cores);
     let max_lag = [
         Summary::of(&pub_stats.lag).map(|s| s.max_ms),
@@ -755,6 +756,7 @@ pub async fn measure(args: &Args) -> Result<StormReport> {
         late_sends: pub_stats.late_measured + pings.stats.late_measured,
         max_send_lag_ms: max_lag,
         warnings: notes,
+        server,
     }
     .fd(fd)
     .assessed();

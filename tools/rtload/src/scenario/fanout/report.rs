@@ -183,6 +183,7 @@ mod tests {
             late_sends: 0,
             max_send_lag_ms: Some(0.05),
             warnings: vec![],
+            server: None,
         }
         .assessed();
         let run = Finished {

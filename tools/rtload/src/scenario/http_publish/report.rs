@@ -205,6 +205,7 @@ mod tests {
                 late_sends: 0,
                 max_send_lag_ms: None,
                 warnings: vec![],
+                server: None,
             }
             .assessed(),
         }

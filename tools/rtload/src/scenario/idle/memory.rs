@@ -13,8 +13,9 @@ pub const METRIC: &str = "rt_process_resident_memory_bytes";
 /// Where memory readings come from.
 #[derive(Debug, Clone)]
 pub enum Source {
-    /// `VmRSS` of `/proc/<pid>/status`.
-    Proc(u32),
+    /// `VmRSS` of `/proc/<pid>/status`, summed over the pids (a server made of several
+    /// processes, e.g. a Node.js cluster's primary and workers).
+    Proc(Vec<u32>),
     /// `GET path` on `target`, then the [`METRIC`] line.
     Metrics {
         url: String,
@@ -26,9 +27,9 @@ pub enum Source {
 impl Source {
     /// `--gateway-pid` when given (read directly, the precise one); otherwise `--metrics`,
     /// or the `/metrics` next to the WebSocket URL.
-    pub async fn new(pid: Option<u32>, metrics: Option<&str>, ws_url: &str) -> Result<Self> {
-        if let Some(pid) = pid {
-            return Ok(Source::Proc(pid));
+    pub async fn new(pids: &[u32], metrics: Option<&str>, ws_url: &str) -> Result<Self> {
+        if !pids.is_empty() {
+            return Ok(Source::Proc(pids.to_vec()));
         }
         let url = match metrics {
             Some(url) => url.to_string(),
@@ -42,7 +43,19 @@ impl Source {
     /// How the report names it.
     pub fn describe(&self) -> String {
         match self {
-            Source::Proc(pid) => format!("/proc/{pid}/status VmRSS"),
+            Source::Proc(pids) => format!(
+                "/proc/{}/status VmRSS",
+                match pids.as_slice() {
+                    [pid] => pid.to_string(),
+                    _ => format!(
+                        "{{{}}}",
+                        pids.iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
+                }
+            ),
             Source::Metrics { url, .. } => format!("{url} {METRIC}"),
         }
     }
@@ -50,12 +63,16 @@ impl Source {
     /// One reading, in bytes.
     pub async fn read(&self) -> Result<u64> {
         match self {
-            Source::Proc(pid) => {
-                let path = format!("/proc/{pid}/status");
-                // A /proc read never blocks for long: no need for a blocking thread.
-                let text =
-                    std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?;
-                parse_vmrss(&text).ok_or_else(|| format!("no VmRSS line in {path}").into())
+            Source::Proc(pids) => {
+                let mut sum = 0;
+                for pid in pids {
+                    let path = format!("/proc/{pid}/status");
+                    // A /proc read never blocks for long: no need for a blocking thread.
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| format!("reading {path}: {e}"))?;
+                    sum += parse_vmrss(&text).ok_or_else(|| format!("no VmRSS line in {path}"))?;
+                }
+                Ok(sum)
             }
             Source::Metrics { url, target, path } => {
                 let mut conn = HttpConn::connect(target, None).await?;
@@ -115,16 +132,7 @@ pub fn parse_metric(text: &str, name: &str) -> Option<u64> {
         })
 }
 
-/// `VmRSS:    12345 kB` of `/proc/<pid>/status`, in bytes.
-pub fn parse_vmrss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let mut fields = line["VmRSS:".len()..].split_whitespace();
-    let value: u64 = fields.next()?.parse().ok()?;
-    match fields.next() {
-        Some("kB") | None => Some(value * 1024),
-        Some(_) => None,
-    }
-}
+pub use crate::sysinfo::parse_vmrss;
 
 /// The median of the samples (the mean of the middle two for an even count).
 pub fn median(samples: &[u64]) -> Option<u64> {
