@@ -64,7 +64,7 @@ const LINGER: Duration = Duration::from_secs(1);
 pub type Upgrade = (Request, Framed<TcpStream, h1::Codec>);
 
 /// Serves one upgrade request to its end: the handshake answer, then the
-/// connection. Errors are the socket's (logged by actix-http at debug).
+/// connection. Errors are the socket's (the caller logs them at debug).
 pub async fn serve(app: Arc<AppState>, upgrade: Upgrade) -> io::Result<()> {
     // This future lives as long as the connection, and sized inline it would
     // be as large as its largest state, the handshake's (the request, the

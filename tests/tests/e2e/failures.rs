@@ -846,25 +846,50 @@ async fn a_stale_writer_cannot_take_an_offset_twice() {
 /// What a broadcast process logs once it serves requests.
 const BROADCAST_READY: &str = "broadcast ready";
 
-/// `rt-broadcast` as its own process on the cluster's NATS, configured like
-/// [`history_namespace`] with `instance_id` and 1 s leases; `None` when the
-/// binary is not built (see [`rt_tests::process`]).
+/// Runs `binary` as its own process on the cluster's NATS, with the `hist`
+/// namespace as [`history_namespace`] configures it, plus `settings`
+/// (`RT_…` variables); `None` when the binary is not built (see
+/// [`rt_tests::process`]).
+async fn service_process(
+    cluster: &TestCluster,
+    binary: &str,
+    ready_message: &str,
+    settings: &[(&str, &str)],
+) -> Option<ServiceProcess> {
+    let binary = process::binary_or_skip(binary)?;
+    let hist = &cluster.config.namespaces["hist"];
+    let mut env: Vec<(String, String)> = [
+        ("RT_NATS_URL", cluster.config.nats.url.clone()),
+        ("RT_LOG__FILTER", "info".to_owned()),
+        ("RT_TELEMETRY__STATS_INTERVAL_MS", "0".to_owned()),
+        (
+            "RT_NAMESPACES__HIST__HISTORY_SIZE",
+            hist.history_size.to_string(),
+        ),
+        (
+            "RT_NAMESPACES__HIST__HISTORY_TTL_SECS",
+            hist.history_ttl_secs.to_string(),
+        ),
+    ]
+    .map(|(k, v)| (k.to_owned(), v))
+    .to_vec();
+    env.extend(
+        settings
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    Some(ServiceProcess::start(binary, env, ready_message).await)
+}
+
+/// `rt-broadcast` as its own process with `instance_id` and 1 s leases.
 async fn broadcast_process(cluster: &TestCluster, instance_id: &str) -> Option<ServiceProcess> {
-    let binary = process::binary_or_skip("rt-broadcast")?;
-    let env = [
-        ("RT_NATS_URL", cluster.config.nats.url.as_str()),
-        ("RT_LOG__FILTER", "info"),
+    let settings = [
         ("RT_BROADCAST__HTTP_ADDR", "127.0.0.1:0"),
         ("RT_BROADCAST__SHARDS", "2"),
         ("RT_BROADCAST__INSTANCE_ID", instance_id),
         ("RT_BROADCAST__LEASE_TTL_MS", "1000"),
-        ("RT_TELEMETRY__STATS_INTERVAL_MS", "0"),
-        ("RT_NAMESPACES__HIST__HISTORY_SIZE", "10000"),
-        ("RT_NAMESPACES__HIST__HISTORY_TTL_SECS", "600"),
-    ]
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .to_vec();
-    Some(ServiceProcess::start(binary, env, BROADCAST_READY).await)
+    ];
+    service_process(cluster, "rt-broadcast", BROADCAST_READY, &settings).await
 }
 
 /// Which broadcast instance holds each partition's lease now.
@@ -948,27 +973,18 @@ async fn when_a_broadcast_process_is_killed_with_sigkill_the_other_takes_its_cha
     );
 }
 
-/// `rt-gateway` as its own process on the cluster's NATS at `addr`, with
-/// the `hist` namespace.
+/// `rt-gateway` as its own process at `addr`, one worker.
 async fn gateway_process(
     cluster: &TestCluster,
     addr: std::net::SocketAddr,
 ) -> Option<ServiceProcess> {
-    let binary = process::binary_or_skip("rt-gateway")?;
     let addr = addr.to_string();
-    let env = [
-        ("RT_NATS_URL", cluster.config.nats.url.as_str()),
+    let settings = [
         ("RT_HTTP_ADDR", addr.as_str()),
         ("RT_API_KEY", API_KEY),
-        ("RT_LOG__FILTER", "info"),
         ("RT_GATEWAY__WORKERS", "1"),
-        ("RT_TELEMETRY__STATS_INTERVAL_MS", "0"),
-        ("RT_NAMESPACES__HIST__HISTORY_SIZE", "10000"),
-        ("RT_NAMESPACES__HIST__HISTORY_TTL_SECS", "600"),
-    ]
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .to_vec();
-    Some(ServiceProcess::start(binary, env, "gateway ready").await)
+    ];
+    service_process(cluster, "rt-gateway", "gateway ready", &settings).await
 }
 
 /// A loopback address with a port free right now (the process binds it next).
