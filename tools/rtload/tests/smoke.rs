@@ -37,6 +37,22 @@ async fn rtload(args: Vec<String>, report: &Path) -> Value {
         .expect("report is JSON")
 }
 
+/// Runs scenario `name` against the cluster's first gateway with the short
+/// common settings and `extra` flags; returns its JSON report (`report` in `dir`).
+async fn scenario(
+    cluster: &TestCluster,
+    dir: &Path,
+    name: &str,
+    report: &str,
+    extra: &[&str],
+) -> Value {
+    let report = dir.join(report);
+    let mut args = vec![name.to_owned()];
+    args.extend(common(cluster, &report));
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    rtload(args, &report).await
+}
+
 fn common(cluster: &TestCluster, report: &Path) -> Vec<String> {
     let addr = cluster.addr(0);
     [
@@ -58,11 +74,12 @@ async fn fanout_ping_rpc_and_idle_scenarios_run_against_the_real_services() {
     cluster.start_compute().await;
     let dir = tempfile_dir();
 
-    let report = dir.join("fanout.json");
-    let mut args: Vec<String> = vec!["fanout".into()];
-    args.extend(common(&cluster, &report));
-    args.extend(
-        [
+    let fanout = scenario(
+        &cluster,
+        &dir,
+        "fanout",
+        "fanout.json",
+        &[
             "--http",
             &format!("http://{}", cluster.addr(0)),
             "--api-key",
@@ -73,10 +90,9 @@ async fn fanout_ping_rpc_and_idle_scenarios_run_against_the_real_services() {
             "50",
             "--channel",
             "chat:smoke",
-        ]
-        .map(str::to_owned),
-    );
-    let fanout = rtload(args, &report).await;
+        ],
+    )
+    .await;
     assert_eq!(fanout["lost"]["total"], 0, "{fanout}");
     let delivery = &fanout["delivery"];
     assert_eq!(delivery["delivered"], delivery["expected"], "{fanout}");
@@ -85,22 +101,26 @@ async fn fanout_ping_rpc_and_idle_scenarios_run_against_the_real_services() {
         "{fanout}"
     );
 
-    let report = dir.join("ping.json");
-    let mut args: Vec<String> = vec!["ping".into()];
-    args.extend(common(&cluster, &report));
-    args.extend(["--connections", "10", "--rate-per-conn", "5"].map(str::to_owned));
-    let ping = rtload(args, &report).await;
+    let ping = scenario(
+        &cluster,
+        &dir,
+        "ping",
+        "ping.json",
+        &["--connections", "10", "--rate-per-conn", "5"],
+    )
+    .await;
     assert_eq!(ping["calls"]["failed"], 0, "{ping}");
     assert!(
         ping["calls"]["ok"].as_u64().is_some_and(|n| n >= 50),
         "{ping}"
     );
 
-    let report = dir.join("rpc.json");
-    let mut args: Vec<String> = vec!["rpc".into()];
-    args.extend(common(&cluster, &report));
-    args.extend(
-        [
+    let rpc = scenario(
+        &cluster,
+        &dir,
+        "rpc",
+        "rpc.json",
+        &[
             "--method",
             "stats.summarize",
             "--data",
@@ -109,10 +129,9 @@ async fn fanout_ping_rpc_and_idle_scenarios_run_against_the_real_services() {
             "10",
             "--connections",
             "2",
-        ]
-        .map(str::to_owned),
-    );
-    let rpc = rtload(args, &report).await;
+        ],
+    )
+    .await;
     assert_eq!(rpc["calls"]["failed"], 0, "{rpc}");
     assert!(
         rpc["parts"]["pushes"].as_u64().is_some_and(|n| n > 0),
@@ -121,11 +140,14 @@ async fn fanout_ping_rpc_and_idle_scenarios_run_against_the_real_services() {
 
     // Memory is measured, not asserted: only that every connection came up and a
     // per-connection figure was computed (from the gateway's /metrics, next to --url).
-    let report = dir.join("idle.json");
-    let mut args: Vec<String> = vec!["idle".into()];
-    args.extend(common(&cluster, &report));
-    args.extend(["--connections", "20", "--hold", "2s", "--settle", "1s"].map(str::to_owned));
-    let idle = rtload(args, &report).await;
+    let idle = scenario(
+        &cluster,
+        &dir,
+        "idle",
+        "idle.json",
+        &["--connections", "20", "--hold", "2s", "--settle", "1s"],
+    )
+    .await;
     assert_eq!(idle["connections"]["established"], 20, "{idle}");
     assert_eq!(idle["connections"]["closed_early"], 0, "{idle}");
     assert!(
@@ -144,11 +166,12 @@ async fn chat_and_http_publish_scenarios_run_against_the_real_services() {
     let dir = tempfile_dir();
     let http = format!("http://{}", cluster.addr(0));
 
-    let report = dir.join("chat.json");
-    let mut args: Vec<String> = vec!["chat".into()];
-    args.extend(common(&cluster, &report));
-    args.extend(
-        [
+    let chat = scenario(
+        &cluster,
+        &dir,
+        "chat",
+        "chat.json",
+        &[
             "--rooms",
             "3",
             "--members",
@@ -157,10 +180,9 @@ async fn chat_and_http_publish_scenarios_run_against_the_real_services() {
             "5",
             "--prefix",
             "chat:smoke-room-",
-        ]
-        .map(str::to_owned),
-    );
-    let chat = rtload(args, &report).await;
+        ],
+    )
+    .await;
     assert_eq!(chat["connections"]["established"], 12, "{chat}");
     assert_eq!(chat["publish"]["failed"], 0, "{chat}");
     assert_eq!(chat["unsent"]["member_gone"], 0, "{chat}");
@@ -180,11 +202,12 @@ async fn chat_and_http_publish_scenarios_run_against_the_real_services() {
     assert!(chat["latency_ms"]["p99_ms"].is_f64(), "{chat}");
     assert!(chat["publish"]["ack_ms"]["p99_ms"].is_f64(), "{chat}");
 
-    let report = dir.join("http-publish.json");
-    let mut args: Vec<String> = vec!["http-publish".into()];
-    args.extend(common(&cluster, &report));
-    args.extend(
-        [
+    let hp = scenario(
+        &cluster,
+        &dir,
+        "http-publish",
+        "http-publish.json",
+        &[
             "--http",
             &http,
             "--api-key",
@@ -199,10 +222,9 @@ async fn chat_and_http_publish_scenarios_run_against_the_real_services() {
             "2",
             "--subscribers-per-channel",
             "2",
-        ]
-        .map(str::to_owned),
-    );
-    let hp = rtload(args, &report).await;
+        ],
+    )
+    .await;
     assert_eq!(hp["publish"]["failed"], 0, "{hp}");
     assert_eq!(hp["errors"]["total"], 0, "{hp}");
     assert!(
@@ -220,11 +242,12 @@ async fn chat_and_http_publish_scenarios_run_against_the_real_services() {
     );
 
     // Closed loop: as fast as 4 requests in flight go, no subscribers.
-    let report = dir.join("http-publish-closed.json");
-    let mut args: Vec<String> = vec!["http-publish".into()];
-    args.extend(common(&cluster, &report));
-    args.extend(
-        [
+    let closed = scenario(
+        &cluster,
+        &dir,
+        "http-publish",
+        "http-publish-closed.json",
+        &[
             "--http",
             &http,
             "--api-key",
@@ -235,10 +258,9 @@ async fn chat_and_http_publish_scenarios_run_against_the_real_services() {
             "4",
             "--prefix",
             "chat:smoke-closed-",
-        ]
-        .map(str::to_owned),
-    );
-    let closed = rtload(args, &report).await;
+        ],
+    )
+    .await;
     assert_eq!(closed["publish"]["failed"], 0, "{closed}");
     assert_eq!(closed["errors"]["total"], 0, "{closed}");
     assert!(
