@@ -6,7 +6,8 @@
  *
  * Binaries come from `RT_BIN_DIR` (default: the repository's target/release,
  * found relative to this package). When they are missing the tests skip with
- * a message, unless RT_REQUIRE_CLUSTER=1 (then they fail).
+ * a message, unless RT_REQUIRE_CLUSTER=1 (then they fail); so do the tests
+ * that need rt-session (sessionServiceUnavailable).
  */
 
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -45,6 +46,23 @@ export function hasSessionService(): boolean {
   return existsSync(join(BIN_DIR, 'rt-session'));
 }
 
+/** RT_REQUIRE_CLUSTER=1: a missing binary is a failure, not a skip (CI). */
+const requireCluster = (): boolean => process.env['RT_REQUIRE_CLUSTER'] === '1';
+
+/**
+ * Why tests that need the session service (tokens, sessions) cannot run
+ * here, or undefined when they can. With RT_REQUIRE_CLUSTER=1 a missing
+ * rt-session throws instead, like clusterUnavailable().
+ */
+export function sessionServiceUnavailable(): string | undefined {
+  if (hasSessionService()) return undefined;
+  const reason =
+    `token tests skipped: missing ${join(BIN_DIR, 'rt-session')}, so no JWT verification ` +
+    '(build with `cargo build --release -p rt-session`, or set RT_BIN_DIR)';
+  if (requireCluster()) throw new Error(`RT_REQUIRE_CLUSTER=1 but ${reason}`);
+  return reason;
+}
+
 /**
  * Why the cluster cannot run here, or undefined when it can. With
  * RT_REQUIRE_CLUSTER=1 a missing piece throws instead (CI wants a failure).
@@ -58,7 +76,7 @@ export function clusterUnavailable(): string | undefined {
   const reason =
     `integration tests skipped: missing ${missing.join(', ')} ` +
     '(build with `cargo build --release -p rt-gateway -p rt-broadcast -p rt-compute`, or set RT_BIN_DIR)';
-  if (process.env['RT_REQUIRE_CLUSTER'] === '1') throw new Error(`RT_REQUIRE_CLUSTER=1 but ${reason}`);
+  if (requireCluster()) throw new Error(`RT_REQUIRE_CLUSTER=1 but ${reason}`);
   return reason;
 }
 

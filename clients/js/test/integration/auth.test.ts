@@ -2,7 +2,8 @@
  * Tokens against the real cluster: connect with a JWT, refresh before
  * expiry, close 4003 then getToken and reconnect, a bad token closing for
  * good, session resume. Needs a build with the session service (rt-session,
- * JWT verification); skipped otherwise.
+ * JWT verification); skipped otherwise, unless RT_REQUIRE_CLUSTER=1 (then a
+ * missing rt-session fails, like a missing gateway).
  */
 
 import assert from 'node:assert/strict';
@@ -11,14 +12,14 @@ import { after, before, describe, it } from 'node:test';
 
 import { Client, ErrorCode } from '../../src/index.js';
 import type { ClientOptions, DisconnectedContext, ErrorContext } from '../../src/index.js';
-import { clusterUnavailable, hasSessionService, startCluster, type Cluster } from '../helpers/cluster.js';
+import { clusterUnavailable, sessionServiceUnavailable, startCluster, type Cluster } from '../helpers/cluster.js';
 import { sleep, waitFor } from '../helpers/fake-websocket.js';
 
 const SECRET = 'js-client-test-secret';
 
-const skip =
-  clusterUnavailable() ??
-  (hasSessionService() ? undefined : 'token tests skipped: this build has no rt-session (JWT verification)');
+// Skipped without the binaries; with RT_REQUIRE_CLUSTER=1 (CI) a missing one fails instead.
+const skip = clusterUnavailable() ?? sessionServiceUnavailable();
+if (skip !== undefined) console.log(`# ${skip}`);
 
 let cluster: Cluster;
 const clients: Client[] = [];

@@ -330,6 +330,90 @@ describe('reconnecting and close codes', () => {
     await handshake(1);
   });
 
+  // Math.random picks the jitter: pinned to its extremes, the delay is exact.
+  for (const [random, expected] of [
+    [0, 200],
+    [0.999999, 299],
+  ] as const) {
+    it(`waits retry_after_ms from the disconnect push after 4007 (no connect error): ${expected} ms at jitter ${random}`, async (t) => {
+      const client = newClient(); // its backoff would be at most 20 ms
+      client.connect();
+      const ws = await handshake(0);
+      const events: DisconnectedContext[] = [];
+      client.on('disconnected', (e) => events.push(e));
+      t.mock.method(Math, 'random', () => random);
+      ws.push({ push: 'disconnect', code: 4007, reason: 'overloaded', reconnect: true, retry_after_ms: 200 });
+      const closedAt = Date.now();
+      ws.serverClose(4007, 'overloaded');
+      t.mock.restoreAll();
+      assert.deepEqual(events, [{ code: 4007, reason: 'overloaded', willReconnect: true, delayMs: expected }]);
+      assert.equal(client.state, 'connecting');
+      await sleep(150);
+      assert.equal(FakeWebSocket.instances.length, 1, 'not before retry_after_ms');
+      await socket(1);
+      const waited = Date.now() - closedAt;
+      // At least the delay (timers never fire early; Date.now() is whole ms), and not much later.
+      assert.ok(waited >= expected - 2 && waited < expected + 250, `reconnected after ${waited} ms, delay ${expected}`);
+      await handshake(1);
+      assert.equal(client.state, 'connected');
+    });
+  }
+
+  it("4007's retry_after_ms comes from the disconnect push before that close only; without one it backs off", async () => {
+    const client = newClient();
+    client.connect();
+    const ws0 = await handshake(0);
+    const events: DisconnectedContext[] = [];
+    client.on('disconnected', (e) => events.push(e));
+    ws0.push({ push: 'disconnect', code: 4007, reason: 'overloaded', reconnect: true, retry_after_ms: 100 });
+    ws0.serverClose(4007, 'overloaded');
+    const first = events[0]?.delayMs;
+    assert.ok(first !== undefined && first >= 100 && first < 150, `delay ${first}: retry_after_ms plus at most 50 %`);
+    const ws1 = await handshake(1);
+    ws1.serverClose(4007, 'overloaded'); // no push this time
+    const second = events[1]?.delayMs;
+    assert.ok(second !== undefined && second >= 0 && second < 5, `delay ${second}: backoff, first attempt (< minReconnectDelayMs)`);
+    await handshake(2);
+    assert.equal(client.state, 'connected');
+  });
+
+  for (const code of [4006, 4009]) {
+    it(`${code}: reconnects with full-jitter backoff growing per failed attempt, not retry_after_ms`, async (t) => {
+      t.mock.method(Math, 'random', () => 0.999999); // every delay at its ceiling, less 1 ms
+      const client = newClient(); // ceilings 5, 10, 20, 20 ms
+      const events: DisconnectedContext[] = [];
+      client.on('disconnected', (e) => events.push(e));
+      client.connect();
+      const ws0 = await handshake(0);
+      const started = Date.now();
+      // A retry_after_ms only counts for 4005 and 4007.
+      ws0.push({ push: 'disconnect', code, reason: 'go away', reconnect: true, retry_after_ms: 5000 });
+      ws0.serverClose(code, 'go away');
+      // Three attempts that fail the same way before their connect is answered.
+      for (let i = 1; i <= 3; i++) {
+        const ws = await socket(i);
+        ws.open();
+        ws.serverClose(code, 'go away');
+      }
+      const ws4 = await handshake(4);
+      assert.ok(Date.now() - started < 1000, 'the push asked for 5 s: ignored');
+      assert.deepEqual(
+        events.map((e) => [e.code, e.willReconnect, e.delayMs]),
+        [
+          [code, true, 4],
+          [code, true, 9],
+          [code, true, 19],
+          [code, true, 19],
+        ],
+      );
+      // Connected again: the next close starts over from the smallest window.
+      ws4.serverClose(code, 'go away');
+      assert.deepEqual(events[4], { code, reason: 'go away', willReconnect: true, delayMs: 4 });
+      await handshake(5);
+      assert.equal(client.state, 'connected');
+    });
+  }
+
   it('backs off after 4005 without retry_after_ms', async () => {
     const client = newClient();
     client.connect();

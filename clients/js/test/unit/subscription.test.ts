@@ -4,6 +4,7 @@ import { afterEach, beforeEach, describe, it } from 'node:test';
 import { Client, ErrorCode, RealtimeError } from '../../src/index.js';
 import type {
   ClientOptions,
+  DisconnectedContext,
   Publication,
   StateLostContext,
   SubscribedContext,
@@ -329,6 +330,50 @@ describe('gaps and recovery', () => {
     ws1.push(pub('chat:a', 11), pub('chat:c', 2));
     assert.deepEqual(la.offsets, [8, 9, 10, 11]);
     assert.deepEqual(lc.offsets, [2]);
+  });
+
+  it('4004 (slow consumer): reconnects after a backoff and resubscribes from the last position (since)', async () => {
+    const { client, ws: ws0, sub, log } = await subscribed(5);
+    // A subscription with a channel token cannot ride in connect: it resubscribes with `subscribe`.
+    const priv = client.newSubscription('secret:a', { token: 'chan-token' });
+    const lPriv = record(priv);
+    priv.subscribe();
+    ws0.replyOk('subscribe', { offset: 2, epoch: 'S1', recovered: false });
+    ws0.push(pub('chat:a', 6), pub('chat:a', 7), pub('secret:a', 3));
+    const disconnected: DisconnectedContext[] = [];
+    client.on('disconnected', (e) => disconnected.push(e));
+    ws0.push({ push: 'disconnect', code: 4004, reason: 'slow consumer', reconnect: true });
+    ws0.serverClose(4004, 'slow consumer');
+    assert.equal(client.state, 'connecting');
+    assert.equal(sub.state, 'subscribing');
+    assert.equal(priv.state, 'subscribing');
+    assert.equal(disconnected.length, 1);
+    const [closed] = disconnected;
+    assert.equal(closed?.code, 4004);
+    assert.equal(closed?.willReconnect, true);
+    // Backoff, first attempt: below minReconnectDelayMs (5).
+    assert.ok(closed?.delayMs !== undefined && closed.delayMs >= 0 && closed.delayMs < 5, `delay ${closed?.delayMs}`);
+    const ws1 = await handshake(1, {
+      subs: { 'chat:a': { offset: 9, epoch: 'E1', recovered: true, pubs: [entry(8), entry(9)] } },
+    });
+    assert.deepEqual(ws1.lastOp('connect')['subs'], { 'chat:a': { offset: 7, epoch: 'E1' } }, 'since = the last delivered');
+    assert.equal(ws1.lastOp('connect')['session'], 's0');
+    const resubscribe = ws1.lastOp('subscribe');
+    assert.equal(resubscribe['channel'], 'secret:a');
+    assert.deepEqual(resubscribe['since'], { offset: 3, epoch: 'S1' });
+    assert.equal(resubscribe['token'], 'chan-token');
+    ws1.push({
+      id: resubscribe['id'],
+      ok: { offset: 4, epoch: 'S1', recovered: true, pubs: [{ ...entry(4), channel: 'secret:a' }] },
+    });
+    ws1.push(pub('chat:a', 10));
+    assert.equal(sub.state, 'subscribed');
+    assert.equal(priv.state, 'subscribed');
+    assert.deepEqual(log.offsets, [6, 7, 8, 9, 10], 'each once, in order');
+    assert.deepEqual(lPriv.offsets, [3, 4]);
+    assert.deepEqual(log.subscribed[1], { channel: 'chat:a', offset: 9, epoch: 'E1', wasRecovering: true, recovered: true });
+    assert.equal(lPriv.subscribed[1]?.recovered, true);
+    assert.equal(log.stateLost.length + lPriv.stateLost.length, 0);
   });
 
   it('a connect subs entry that failed: permanent → unsubscribed, temporary → subscribe again', async () => {
