@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bytestring::ByteString;
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use prometheus_client::metrics::counter::Counter;
 use rt_proto::internal::{Publication, RecoverReply, StreamPosition};
 use rt_proto::session::{self, PresenceChange};
@@ -50,6 +50,10 @@ use crate::metrics::{GatewayMetrics, ReasonLabel};
 use crate::outbound::{Frame, Outbound, Push};
 
 const SHARDS: usize = 64;
+
+/// Publications a channel's relay takes from its NATS subscription at once
+/// when several are waiting (a backlog); one when they come one at a time.
+const RELAY_BATCH: usize = 64;
 
 /// Channels checked at once after a NATS reconnect or slow-consumer event.
 const SWEEP_CONCURRENCY: usize = 64;
@@ -211,6 +215,21 @@ fn position(publication: &Publication) -> StreamPosition {
     StreamPosition {
         offset: publication.offset,
         epoch: publication.epoch.clone(),
+    }
+}
+
+/// Whether `publication` comes after `last` with publications missing in between.
+fn follows_with_gap(last: Option<&StreamPosition>, publication: &Publication) -> bool {
+    last.is_some_and(|last| last.epoch == publication.epoch && publication.offset > last.offset + 1)
+}
+
+/// Moves the node's position past `publication` (a new epoch starts over).
+fn advance(last: &mut Option<StreamPosition>, publication: &Publication) {
+    match last {
+        Some(last) if last.epoch == publication.epoch => {
+            last.offset = last.offset.max(publication.offset)
+        }
+        last => *last = Some(position(publication)),
     }
 }
 
@@ -397,9 +416,18 @@ impl Hub {
         }
     }
 
-    /// Takes one publication from NATS for every local subscriber of its channel.
-    fn fan_out(self: &Arc<Self>, channel: &ChannelName, generation: u64, publication: Publication) {
-        let encoded = Arc::new(EncodedPub::new(publication));
+    /// Takes publications that arrived from NATS together (in offset order)
+    /// to every local subscriber of their channel. Consecutive ones go out
+    /// as one run: each subscriber's queue is locked and woken once per run,
+    /// not once per publication, which is what keeps a backlog (several
+    /// publications waiting in the channel's NATS subscription) cheap to
+    /// catch up on.
+    fn fan_out(
+        self: &Arc<Self>,
+        channel: &ChannelName,
+        generation: u64,
+        arrivals: Vec<Publication>,
+    ) {
         let Some(mut shard) = self.shard(channel.as_str()) else {
             return;
         };
@@ -409,10 +437,25 @@ impl Hub {
         if entry.generation != generation {
             return;
         }
-        self.metrics
-            .publish_to_deliver
-            .observe(now_ms().saturating_sub(encoded.publication.ts) as f64 / 1000.0);
-        self.accept(entry, channel, encoded, true);
+        let now = now_ms();
+        let mut run: Vec<Arc<EncodedPub>> = Vec::with_capacity(arrivals.len());
+        for publication in arrivals {
+            self.metrics
+                .publish_to_deliver
+                .observe(now.saturating_sub(publication.ts) as f64 / 1000.0);
+            let encoded = Arc::new(EncodedPub::new(publication));
+            if entry.repair.is_none()
+                && !follows_with_gap(entry.last.as_ref(), &encoded.publication)
+            {
+                advance(&mut entry.last, &encoded.publication);
+                run.push(encoded);
+            } else {
+                self.deliver_run(entry, channel.as_str(), &run);
+                run.clear();
+                self.accept(entry, channel, encoded, true);
+            }
+        }
+        self.deliver_run(entry, channel.as_str(), &run);
         self.drop_if_empty(&mut shard, channel.as_str());
     }
 
@@ -447,10 +490,10 @@ impl Hub {
             self.deliver(entry, channel.as_str(), publication);
             return;
         }
-        let p = &publication.publication;
-        if let Some(last) = &entry.last
-            && last.epoch == p.epoch
-            && p.offset > last.offset + 1
+        if let Some(last) = entry
+            .last
+            .as_ref()
+            .filter(|last| follows_with_gap(Some(last), &publication.publication))
         {
             self.metrics.delivery_gaps.inc();
             if may_repair {
@@ -467,14 +510,43 @@ impl Hub {
     /// Queues a publication to every subscriber it follows on from; ends
     /// the subscriptions it does not.
     fn deliver(&self, entry: &mut ChannelEntry, channel: &str, publication: Arc<EncodedPub>) {
-        let p = &publication.publication;
-        match &mut entry.last {
-            Some(last) if last.epoch == p.epoch => last.offset = last.offset.max(p.offset),
-            last => *last = Some(position(p)),
+        self.deliver_run(entry, channel, std::slice::from_ref(&publication));
+    }
+
+    /// Queues consecutive publications to every subscriber, all of a
+    /// subscriber's in one push; ends the subscriptions they do not follow
+    /// on from (after what they could take).
+    fn deliver_run(&self, entry: &mut ChannelEntry, channel: &str, run: &[Arc<EncodedPub>]) {
+        if run.is_empty() {
+            return;
+        }
+        for publication in run {
+            advance(&mut entry.last, &publication.publication);
         }
         let mut lost = Vec::new();
+        let mut frames = Vec::with_capacity(run.len());
         for (conn, sub) in &mut entry.subscribers {
-            if let Err(why) = self.offer(sub, &publication) {
+            let mut why_lost = None;
+            for publication in run {
+                match self.admit(sub, publication) {
+                    Ok(Some(frame)) => frames.push(frame),
+                    Ok(None) => {}
+                    Err(why) => {
+                        why_lost = Some(why);
+                        break;
+                    }
+                }
+            }
+            if !frames.is_empty()
+                && sub
+                    .outbound
+                    .push_pubs(sub.token, sub.policy, frames.drain(..))
+                    == Push::Overflowed
+            {
+                self.metrics.slow_consumers.inc();
+            }
+            frames.clear();
+            if let Some(why) = why_lost {
                 lost.push((*conn, why));
             }
         }
@@ -486,6 +558,22 @@ impl Hub {
     /// Queues `publication` to one subscriber if it is the next one for it
     /// (a pending one buffers it); `Err` when the subscriber cannot follow.
     fn offer(&self, sub: &mut LocalSub, publication: &Arc<EncodedPub>) -> Result<(), Lost> {
+        if let Some(frame) = self.admit(sub, publication)?
+            && sub.outbound.push_pub(sub.token, sub.policy, frame) == Push::Overflowed
+        {
+            self.metrics.slow_consumers.inc();
+        }
+        Ok(())
+    }
+
+    /// Moves a subscriber past `publication` if it is the next one for it:
+    /// the frame to queue for a live one, `None` when it already had it (or
+    /// is pending: then it is buffered); `Err` when it cannot follow.
+    fn admit(
+        &self,
+        sub: &mut LocalSub,
+        publication: &Arc<EncodedPub>,
+    ) -> Result<Option<Frame>, Lost> {
         match &mut sub.state {
             SubState::Pending(buffered) => {
                 if buffered.len() < self.max_pending {
@@ -495,7 +583,7 @@ impl Hub {
                     sub.outbound.fail(CloseCode::SLOW_CONSUMER, "slow consumer");
                     self.metrics.slow_consumers.inc();
                 }
-                Ok(())
+                Ok(None)
             }
             SubState::Live { epoch, offset } => {
                 let p = &publication.publication;
@@ -503,17 +591,13 @@ impl Hub {
                     return Err(Lost::Epoch);
                 }
                 if p.offset <= *offset {
-                    return Ok(());
+                    return Ok(None);
                 }
                 if p.offset != *offset + 1 {
                     return Err(Lost::Gap);
                 }
                 *offset = p.offset;
-                let frame = publication.frame(sub.encoding);
-                if sub.outbound.push_pub(sub.token, sub.policy, frame) == Push::Overflowed {
-                    self.metrics.slow_consumers.inc();
-                }
-                Ok(())
+                Ok(Some(publication.frame(sub.encoding)))
             }
         }
     }
@@ -934,40 +1018,87 @@ async fn run_relay(
         return;
     }
     hub.relay_started(&channel, generation);
+    let mut arrivals = Vec::with_capacity(RELAY_BATCH);
     loop {
         tokio::select! {
             _ = &mut stop => break,
             message = subscription.next() => {
                 let Some(message) = message else { break };
-                if is_presence_event(&message) {
-                    match rt_proto::internal::from_msgpack::<PresenceChange>(&message.payload) {
-                        Ok(change) => hub.fan_out_presence(&channel, generation, &change),
-                        Err(error) => {
-                            if let Some(suppressed) = RELAY_ERRORS.allow() {
-                                tracing::error!(%channel, %error, suppressed, "undecodable presence change");
-                            }
+                // What else already waits in the subscription goes out with
+                // it: a node that fell behind catches up in runs.
+                arrivals.push(message);
+                let mut ended = false;
+                while arrivals.len() < RELAY_BATCH {
+                    match subscription.next().now_or_never() {
+                        Some(Some(message)) => arrivals.push(message),
+                        Some(None) => {
+                            ended = true;
+                            break;
                         }
+                        None => break,
                     }
-                    continue;
                 }
-                match rt_proto::internal::from_msgpack::<Publication>(&message.payload) {
-                    Ok(publication) => {
-                        // One span per fan-out, linked to the publication's trace.
-                        let span = tracing::info_span!("gateway.fanout", channel = %channel, offset = publication.offset);
-                        if let Some(origin) = TraceContext::from_nats_headers(message.headers.as_ref()) {
-                            add_link(&span, &origin);
-                        }
-                        span.in_scope(|| hub.fan_out(&channel, generation, publication));
-                    }
-                    Err(error) => {
-                        if let Some(suppressed) = RELAY_ERRORS.allow() {
-                            tracing::error!(%channel, %error, suppressed, "undecodable delivery");
-                        }
-                    }
+                take_arrivals(&hub, &channel, generation, arrivals.drain(..));
+                if ended {
+                    break;
                 }
             }
         }
     }
+}
+
+/// Hands what arrived on a channel's subscription to the hub, in order:
+/// publications in runs, presence changes between them.
+fn take_arrivals(
+    hub: &Arc<Hub>,
+    channel: &ChannelName,
+    generation: u64,
+    messages: impl Iterator<Item = async_nats::Message>,
+) {
+    let mut run: Vec<Publication> = Vec::new();
+    let mut origins: Vec<TraceContext> = Vec::new();
+    let fan_out = |run: &mut Vec<Publication>, origins: &mut Vec<TraceContext>| {
+        let Some(first) = run.first() else { return };
+        // One span per run, linked to each publication's trace.
+        let span = tracing::info_span!(
+            "gateway.fanout",
+            channel = %channel,
+            offset = first.offset,
+            publications = run.len()
+        );
+        for origin in origins.drain(..) {
+            add_link(&span, &origin);
+        }
+        span.in_scope(|| hub.fan_out(channel, generation, std::mem::take(run)));
+    };
+    for message in messages {
+        if is_presence_event(&message) {
+            fan_out(&mut run, &mut origins);
+            match rt_proto::internal::from_msgpack::<PresenceChange>(&message.payload) {
+                Ok(change) => hub.fan_out_presence(channel, generation, &change),
+                Err(error) => {
+                    if let Some(suppressed) = RELAY_ERRORS.allow() {
+                        tracing::error!(%channel, %error, suppressed, "undecodable presence change");
+                    }
+                }
+            }
+            continue;
+        }
+        match rt_proto::internal::from_msgpack::<Publication>(&message.payload) {
+            Ok(publication) => {
+                if let Some(origin) = TraceContext::from_nats_headers(message.headers.as_ref()) {
+                    origins.push(origin);
+                }
+                run.push(publication);
+            }
+            Err(error) => {
+                if let Some(suppressed) = RELAY_ERRORS.allow() {
+                    tracing::error!(%channel, %error, suppressed, "undecodable delivery");
+                }
+            }
+        }
+    }
+    fan_out(&mut run, &mut origins);
 }
 
 fn is_presence_event(message: &async_nats::Message) -> bool {
@@ -1092,16 +1223,16 @@ mod tests {
         .expect("added");
         let generation = generation(&hub, &channel);
         // Arrived while subscribing; 5 is covered by the reply.
-        hub.fan_out(&channel, generation, publication("e1", 5));
-        hub.fan_out(&channel, generation, publication("e1", 6));
+        hub.fan_out(&channel, generation, vec![publication("e1", 5)]);
+        hub.fan_out(&channel, generation, vec![publication("e1", 6)]);
         hub.activate(&channel, 1, None, pos("e1", 5))
             .expect("activated");
         // Late duplicates are skipped; the next one goes out.
-        hub.fan_out(&channel, generation, publication("e1", 6));
-        hub.fan_out(&channel, generation, publication("e1", 7));
+        hub.fan_out(&channel, generation, vec![publication("e1", 6)]);
+        hub.fan_out(&channel, generation, vec![publication("e1", 7)]);
         assert_eq!(written(&q), vec!["6", "7"]);
         // A new epoch under the subscription: it ends with 112.
-        hub.fan_out(&channel, generation, publication("e2", 1));
+        hub.fan_out(&channel, generation, vec![publication("e2", 1)]);
         assert_eq!(written(&q), vec!["lost 7"]);
         assert_eq!(metrics.resubscribe_requests.get(), 1);
         assert_eq!(metrics.subscriptions.get(), 0);
@@ -1124,8 +1255,8 @@ mod tests {
                 .expect("activated");
         }
         let generation = generation(&hub, &channel);
-        hub.fan_out(&channel, generation, publication("e1", 7));
-        hub.fan_out(&channel, generation, publication("e1", 8));
+        hub.fan_out(&channel, generation, vec![publication("e1", 7)]);
+        hub.fan_out(&channel, generation, vec![publication("e1", 8)]);
         assert!(written(&q1).is_empty(), "held while the gap is filled");
         let id = repair_id(&hub, &channel).expect("repairing");
         let reply = RecoverReply {
@@ -1143,7 +1274,7 @@ mod tests {
         assert_eq!(metrics.refilled_publications.get(), 3);
 
         // A gap broadcast cannot fill: whoever is behind gets 112.
-        hub.fan_out(&channel, generation, publication("e1", 12));
+        hub.fan_out(&channel, generation, vec![publication("e1", 12)]);
         let id = repair_id(&hub, &channel).expect("repairing");
         let reply = RecoverReply {
             offset: 12,
@@ -1156,6 +1287,52 @@ mod tests {
         assert_eq!(written(&q2), vec!["lost 2"]);
         assert_eq!(metrics.gap_repairs_failed.get(), 1);
         assert_eq!(metrics.resubscribe_requests.get(), 2);
+    }
+
+    #[actix_rt::test]
+    async fn a_run_is_delivered_in_order_up_to_a_gap_and_the_rest_waits_for_the_repair() {
+        let (hub, metrics) = hub().await;
+        let channel = ChannelName::parse("chat:a").expect("channel");
+        let (q1, q2) = (queue(), queue());
+        for (conn, q) in [(1, &q1), (2, &q2)] {
+            hub.add_pending(
+                &channel,
+                conn,
+                q.clone(),
+                Encoding::MsgPack,
+                conn,
+                SlowConsumerPolicy::Disconnect,
+            )
+            .expect("added");
+        }
+        hub.activate(&channel, 1, None, pos("e1", 4))
+            .expect("activated");
+        hub.activate(&channel, 2, None, pos("e1", 5))
+            .expect("activated");
+        let generation = generation(&hub, &channel);
+        // Arrived together: 5 and 6 go out at once (5 only to whoever lacks
+        // it), 8 shows 7 is missing, so 8 and 9 wait for the repair.
+        let run = [5, 6, 8, 9].map(|o| publication("e1", o)).to_vec();
+        hub.fan_out(&channel, generation, run);
+        assert_eq!(written(&q1), vec!["5", "6"]);
+        assert_eq!(written(&q2), vec!["6"]);
+        assert_eq!(metrics.delivery_gaps.get(), 1);
+        let id = repair_id(&hub, &channel).expect("repairing");
+        let reply = RecoverReply {
+            offset: 7,
+            epoch: "e1".into(),
+            recovered: true,
+            pubs: vec![publication("e1", 7)],
+        };
+        hub.finish_repair(&channel, generation, id, Ok(reply));
+        assert_eq!(written(&q1), vec!["7", "8", "9"]);
+        assert_eq!(written(&q2), vec!["7", "8", "9"]);
+        // A new epoch inside a run ends the subscriptions after what they could take.
+        let run = vec![publication("e1", 10), publication("e2", 1)];
+        hub.fan_out(&channel, generation, run);
+        assert_eq!(written(&q1), vec!["10", "lost 1"]);
+        assert_eq!(written(&q2), vec!["10", "lost 2"]);
+        assert!(!hub.has_channel(&channel));
     }
 
     #[actix_rt::test]
@@ -1177,7 +1354,7 @@ mod tests {
         let generation = generation(&hub, &channel);
         // The hub holds 100 at most (its max_pending).
         for offset in 2..=102 {
-            hub.fan_out(&channel, generation, publication("e1", offset));
+            hub.fan_out(&channel, generation, vec![publication("e1", offset)]);
         }
         assert_eq!(written(&q), vec!["lost 3"]);
         assert_eq!(repair_id(&hub, &channel), None);

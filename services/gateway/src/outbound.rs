@@ -294,52 +294,72 @@ impl Outbound {
     /// Queues a publication of subscription `sub` (the subscription's token
     /// on this connection), conflating by `policy`.
     pub fn push_pub(&self, sub: u64, policy: SlowConsumerPolicy, frame: Frame) -> Push {
+        self.push_pubs(sub, policy, std::iter::once(frame))
+    }
+
+    /// Queues consecutive publications of subscription `sub`, in order, as
+    /// [`Outbound::push_pub`] does each, under one lock and with one wake-up
+    /// (the fan-out thread and the connection's thread share this lock: each
+    /// acquisition moves it between cores).
+    pub fn push_pubs(
+        &self,
+        sub: u64,
+        policy: SlowConsumerPolicy,
+        frames: impl IntoIterator<Item = Frame>,
+    ) -> Push {
         let Ok(mut inner) = self.inner.lock() else {
             return Push::Closed;
         };
         if !matches!(inner.state, State::Open) {
             return Push::Closed;
         }
-        let len = frame.len();
         if policy == SlowConsumerPolicy::Auto {
             inner.has_auto = true;
         }
-        self.note_growth(&mut inner, len);
-        let conflate = match policy {
-            SlowConsumerPolicy::Disconnect => false,
-            SlowConsumerPolicy::Conflate => true,
-            SlowConsumerPolicy::Auto => inner.auto_conflating,
-        };
-        let target = if conflate {
-            inner.newest.get(&sub).copied()
-        } else {
-            None
-        };
-        let freed = target
-            .and_then(|seq| inner.position(seq))
-            .map_or(0, |i| inner.items[i].item.len());
-        if !self.make_room(&mut inner, len, freed) {
-            return self.overflow(&mut inner);
-        }
-        // A compaction keeps each subscription's newest: the target is still there.
-        match target.and_then(|seq| inner.position(seq)) {
-            Some(index) => {
-                let entry = &mut inner.items[index];
-                entry.item = Item::Pub { sub, policy, frame };
-                inner.bytes = inner.bytes - freed + len;
-                self.metrics.buffered_bytes.inc_by(as_i64(len));
-                self.metrics.buffered_bytes.dec_by(as_i64(freed));
-                self.metrics.conflated.inc();
+        // Bytes added to the gateway-wide gauge once, at the end (or before
+        // an overflow discards the queue).
+        let mut added: i64 = 0;
+        for frame in frames {
+            let len = frame.len();
+            self.note_growth(&mut inner, len);
+            let conflate = match policy {
+                SlowConsumerPolicy::Disconnect => false,
+                SlowConsumerPolicy::Conflate => true,
+                SlowConsumerPolicy::Auto => inner.auto_conflating,
+            };
+            let target = if conflate {
+                inner.newest.get(&sub).copied()
+            } else {
+                None
+            };
+            let freed = target
+                .and_then(|seq| inner.position(seq))
+                .map_or(0, |i| inner.items[i].item.len());
+            if !self.make_room(&mut inner, len, freed) {
+                self.metrics.buffered_bytes.inc_by(added);
+                return self.overflow(&mut inner);
             }
-            None => {
-                let seq = self.append(&mut inner, Item::Pub { sub, policy, frame });
-                if policy != SlowConsumerPolicy::Disconnect
-                    && inner.newest.insert(sub, seq).is_some()
-                {
-                    inner.stale += 1;
+            // A compaction keeps each subscription's newest: the target is still there.
+            match target.and_then(|seq| inner.position(seq)) {
+                Some(index) => {
+                    let entry = &mut inner.items[index];
+                    entry.item = Item::Pub { sub, policy, frame };
+                    inner.bytes = inner.bytes - freed + len;
+                    added += as_i64(len) - as_i64(freed);
+                    self.metrics.conflated.inc();
+                }
+                None => {
+                    let seq = self.append_uncounted(&mut inner, Item::Pub { sub, policy, frame });
+                    added += as_i64(len);
+                    if policy != SlowConsumerPolicy::Disconnect
+                        && inner.newest.insert(sub, seq).is_some()
+                    {
+                        inner.stale += 1;
+                    }
                 }
             }
         }
+        self.metrics.buffered_bytes.inc_by(added);
         wake(&mut inner);
         Push::Queued
     }
@@ -362,10 +382,15 @@ impl Outbound {
     }
 
     fn append(&self, inner: &mut Inner, item: Item) -> u64 {
+        self.metrics.buffered_bytes.inc_by(as_i64(item.len()));
+        self.append_uncounted(inner, item)
+    }
+
+    /// Appends without updating the gauge (the caller does).
+    fn append_uncounted(&self, inner: &mut Inner, item: Item) -> u64 {
         let seq = inner.next_seq;
         inner.next_seq += 1;
         inner.bytes += item.len();
-        self.metrics.buffered_bytes.inc_by(as_i64(item.len()));
         inner.items.push_back(Entry { seq, item });
         seq
     }
@@ -692,6 +717,43 @@ mod tests {
             stream.next().now_or_never_ready(),
             Some(Outgoing::Close(CloseCode::DRAINING, _))
         ));
+    }
+
+    #[actix_rt::test]
+    async fn a_run_of_publications_is_queued_as_each_would_be() {
+        let metrics = QueueMetrics::default();
+        let q = Outbound::new(bounds(1000, 1), metrics.clone());
+        // Delivered in order, counted once each.
+        let run = [tagged(1, 10), tagged(2, 11), tagged(3, 12)];
+        assert_eq!(q.push_pubs(1, Disconnect, run), Push::Queued);
+        assert_eq!(metrics.buffered_bytes.get(), 33);
+        // A conflating subscription keeps only the newest of its run.
+        let run = [tagged(4, 5), tagged(5, 6), tagged(6, 7)];
+        assert_eq!(q.push_pubs(2, Conflate, run), Push::Queued);
+        assert_eq!(metrics.conflated.get(), 2);
+        assert_eq!(metrics.buffered_bytes.get(), 33 + 7);
+        assert_eq!(drain(&q), vec![(1, 10), (2, 11), (3, 12), (6, 7)]);
+        assert_eq!(metrics.buffered_bytes.get(), 0);
+    }
+
+    #[actix_rt::test]
+    async fn a_run_that_passes_the_bound_closes_with_4004_and_leaves_the_gauge_right() {
+        let metrics = QueueMetrics::default();
+        let q = Outbound::new(bounds(100, 1), metrics.clone());
+        q.push(tagged(9, 20));
+        let run = [tagged(1, 40), tagged(2, 40), tagged(3, 40)];
+        assert_eq!(q.push_pubs(1, Disconnect, run), Push::Overflowed);
+        assert_eq!(
+            metrics.buffered_bytes.get(),
+            0,
+            "the dropped queue is no longer counted"
+        );
+        assert_eq!(q.queued_bytes(), 0);
+        assert!(matches!(
+            OutboundStream(q.clone()).next().now_or_never_ready(),
+            Some(Outgoing::Close(code, _)) if code == CloseCode::SLOW_CONSUMER
+        ));
+        assert_eq!(q.push_pubs(1, Disconnect, [tagged(4, 1)]), Push::Closed);
     }
 
     #[actix_rt::test]
