@@ -1,6 +1,6 @@
 //! The NATS KV buckets where state every node must see lives: node
-//! heartbeats, presence, sessions and per-user connection counts
-//! (layout and value types in [`rt_proto::session`]).
+//! heartbeats, presence, sessions, per-user connection counts and
+//! revocations (layout and value types in [`rt_proto::session`]).
 //!
 //! Gateways and session instances open the same buckets with the same
 //! settings; whoever comes first creates them.
@@ -18,6 +18,23 @@ const RECORD_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// Heartbeats of nodes long gone disappear by themselves.
 const NODE_MAX_AGE: Duration = Duration::from_secs(3600);
 
+/// KV bucket: the shared record of revocations, one entry per revoked user
+/// (key [`rt_proto::session::user_key`], value a
+/// [`rt_proto::session::RevokeRequest`]: tokens of `user` issued at or
+/// before `before` are refused). Every session instance loads it before it
+/// is ready and watches it.
+// Beside the other bucket names in `rt_proto::session` is where it belongs;
+// it is here because this change could not touch the proto crate.
+pub const REVOCATIONS_BUCKET: &str = "rt_revocations";
+/// How long a revocation holds: for as long as a token it revokes can still
+/// be valid. Tokens without `exp` never expire, so by default neither does
+/// a revocation (one entry per user, so the bucket is bounded by the number
+/// of users ever revoked). A deployment whose tokens all carry a bounded
+/// `exp` may set the stream's max age to that lifetime (`nats stream edit
+/// KV_rt_revocations --max-age …`); the session service reads it at start
+/// and forgets, in memory too, what the bucket expired.
+const REVOCATION_MAX_AGE: Duration = Duration::ZERO;
+
 /// Handles on the shared buckets.
 #[derive(Clone)]
 pub struct Buckets {
@@ -25,6 +42,7 @@ pub struct Buckets {
     pub presence: kv::Store,
     pub sessions: kv::Store,
     pub users: kv::Store,
+    pub revocations: kv::Store,
 }
 
 impl Buckets {
@@ -38,6 +56,7 @@ impl Buckets {
             presence: open(&js, PRESENCE_BUCKET, Duration::ZERO).await?,
             sessions: open(&js, SESSIONS_BUCKET, RECORD_MAX_AGE).await?,
             users: open(&js, USERS_BUCKET, RECORD_MAX_AGE).await?,
+            revocations: open(&js, REVOCATIONS_BUCKET, REVOCATION_MAX_AGE).await?,
         })
     }
 }

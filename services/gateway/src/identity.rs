@@ -184,6 +184,10 @@ impl Connection {
     }
 
     /// Closes with 4003 when the token expires, unless `refresh` moves it.
+    /// "Expires" means what it means at `connect`: at `exp` plus
+    /// `session.jwt_leeway_secs`, the clock skew the session service
+    /// tolerates. Closing at `exp` itself would cut a connection that the
+    /// same token has just been allowed to open.
     pub(crate) fn schedule_expiry(&mut self, ctx: &mut Ctx) {
         if let Some(handle) = self.expiry.take() {
             ctx.cancel_future(handle);
@@ -191,7 +195,9 @@ impl Connection {
         if self.identity.expires_at == 0 {
             return;
         }
-        let delay_ms = (self.identity.expires_at * 1000).saturating_sub(now_ms());
+        let delay_ms = self
+            .expires_at_ms(self.identity.expires_at)
+            .saturating_sub(now_ms());
         self.expiry = Some(ctx.run_later(Duration::from_millis(delay_ms), |conn, _| {
             conn.expiry = None;
             if conn.phase != Phase::Connected {
@@ -237,6 +243,13 @@ impl Connection {
         }));
     }
 
+    /// When a token with `exp` stops being valid, in ms since the epoch:
+    /// `exp` plus the leeway, the rule the session service verifies with.
+    fn expires_at_ms(&self, exp: u64) -> u64 {
+        exp.saturating_add(self.app.config.session.jwt_leeway_secs)
+            .saturating_mul(1000)
+    }
+
     /// Whether a private channel is open to this connection without a channel token.
     pub(crate) fn may_access_private(&self, name: &str) -> bool {
         if self.identity.channels.contains(name) {
@@ -245,7 +258,7 @@ impl Connection {
         self.identity
             .grants
             .get(name)
-            .is_some_and(|&expires_at| expires_at == 0 || expires_at * 1000 > now_ms())
+            .is_some_and(|&expires_at| expires_at == 0 || self.expires_at_ms(expires_at) > now_ms())
     }
 
     /// A `subscribe` with a channel token that the channel needs.

@@ -1,8 +1,7 @@
 //! What each request to the session service does. One [`Core`] is shared by
 //! every handler; the NATS plumbing and load shedding live in [`crate::ingest`].
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,22 +11,27 @@ use rt_proto::internal::WireError;
 use rt_proto::session::{
     self, AuthReply, AuthRequest, ChannelAuthRequest, ChannelGrant, PresenceReply, PresenceRequest,
     RefreshReply, RefreshRequest, RevokeRequest, SessionEvent, SessionEvents, SessionRecord,
-    UserConnections,
 };
 use rt_shared::Bus;
 use rt_shared::cache::TtlCache;
 use rt_shared::config::Config;
 use rt_shared::kv::Buckets;
-use rt_shared::telemetry::now_ms;
+use rt_shared::telemetry::{RateLimitedLog, now_ms};
 
 use crate::auth::{ChannelClaims, Claims, Verifier};
-use crate::metrics::{CacheLabel, SessionMetrics};
+use crate::limits::{self, CountError};
+use crate::metrics::{CacheLabel, ReasonLabel, SessionMetrics};
 use crate::nodes::NodeView;
 use crate::presence::PresenceView;
+use crate::revocations::{self, RevocationView};
 use crate::store::{AuditEntry, AuditEvent, Store};
 
-/// Attempts of a compare-and-set update before giving up.
-const CAS_ATTEMPTS: usize = 8;
+/// Base of the retry hint when a connect or revoke cannot be checked or
+/// recorded in NATS KV; jittered by as much again so retries spread out.
+const KV_RETRY_MS: u64 = 200;
+
+static LIMIT_UNCHECKED: RateLimitedLog = RateLimitedLog::new(10_000);
+static REVOKE_FAILED: RateLimitedLog = RateLimitedLog::new(10_000);
 
 pub struct Core {
     pub config: Arc<Config>,
@@ -38,10 +42,10 @@ pub struct Core {
     pub nodes: NodeView,
     pub presence: PresenceView,
     pub metrics: SessionMetrics,
+    /// The mirror of the revocations bucket ([`crate::revocations`]).
+    pub revocations: RevocationView,
     tokens: TtlCache<String, Claims>,
     channel_tokens: TtlCache<String, ChannelClaims>,
-    /// Users whose tokens issued (`iat`) before the value are refused.
-    revocations: RwLock<HashMap<String, u64>>,
 }
 
 impl Core {
@@ -52,6 +56,7 @@ impl Core {
         store: Store,
         verifier: Verifier,
         metrics: SessionMetrics,
+        revocations: RevocationView,
     ) -> Self {
         let capacity = config.session.cache_capacity;
         Self {
@@ -59,22 +64,13 @@ impl Core {
             presence: PresenceView::default(),
             tokens: TtlCache::new(capacity),
             channel_tokens: TtlCache::new(capacity),
-            revocations: RwLock::new(HashMap::new()),
+            revocations,
             config,
             bus,
             buckets,
             store,
             verifier,
             metrics,
-        }
-    }
-
-    pub fn load_revocations(&self, revocations: Vec<(String, u64)>) {
-        if let Ok(mut map) = self.revocations.write() {
-            for (user, before) in revocations {
-                let entry = map.entry(user).or_insert(0);
-                *entry = (*entry).max(before);
-            }
         }
     }
 
@@ -138,18 +134,16 @@ impl Core {
     }
 
     fn check_revoked(&self, claims: &Claims) -> Result<(), WireError> {
-        let before = self
+        if self
             .revocations
-            .read()
-            .ok()
-            .and_then(|map| map.get(&claims.sub).copied());
-        match before {
-            Some(before) if claims.iat.unwrap_or(0) <= before => Err(WireError::new(
+            .is_revoked(&claims.sub, claims.iat, now_ms())
+        {
+            return Err(WireError::new(
                 ErrorCode::UNAUTHORIZED,
                 "this token has been revoked",
-            )),
-            _ => Ok(()),
+            ));
         }
+        Ok(())
     }
 
     /// `connect`: who it is, whether it may connect, and its session.
@@ -201,10 +195,13 @@ impl Core {
             }
         };
         let now_secs = now / 1000;
+        // A grant ends when its channel token would stop verifying: at
+        // `exp` plus the leeway, the rule for every token (see auth.rs).
+        let leeway = self.config.session.jwt_leeway_secs;
         let grants: Vec<ChannelGrant> = record
             .grants
             .iter()
-            .filter(|g| g.expires_at == 0 || g.expires_at > now_secs)
+            .filter(|g| g.expires_at == 0 || g.expires_at.saturating_add(leeway) > now_secs)
             .cloned()
             .collect();
         let restore: Vec<String> = record
@@ -317,9 +314,10 @@ impl Core {
     }
 
     /// Adds `delta` to `user`'s connections on `node`; with `enforce`, refuses
-    /// (106) when the user already holds the maximum on live nodes. A
-    /// compare-and-set loop, so concurrent connects on several instances
-    /// cannot both take the last slot.
+    /// (106) when the user already holds the maximum on live nodes. When
+    /// the count cannot be checked (KV error, lasting contention) an
+    /// increment is refused with 113 and a retry hint rather than admitted
+    /// past the limit ([`crate::limits`]).
     async fn count_connection(
         &self,
         user: &str,
@@ -332,67 +330,55 @@ impl Core {
             return Ok(());
         }
         let key = session::user_key(user);
-        let bucket = &self.buckets.users;
-        for _ in 0..CAS_ATTEMPTS {
-            let now = now_ms();
-            let entry = match bucket.entry(key.clone()).await {
-                Ok(entry) => entry,
-                Err(error) => {
-                    self.metrics.kv_errors.inc();
-                    tracing::warn!(%error, "cannot read connection counts; not enforcing the limit");
-                    return Ok(());
-                }
-            };
-            let (mut counts, revision) = match &entry {
-                Some(entry) if entry.operation == async_nats::jetstream::kv::Operation::Put => (
-                    rt_proto::internal::from_msgpack::<UserConnections>(&entry.value)
-                        .unwrap_or_default(),
-                    Some(entry.revision),
-                ),
-                Some(entry) => (UserConnections::default(), Some(entry.revision)),
-                None => (UserConnections::default(), None),
-            };
-            // Dead nodes' connections are gone with them.
-            counts
-                .nodes
-                .retain(|n, count| *count > 0 && (n == node || self.nodes.is_live(n, now)));
-            let live: u64 = counts.nodes.values().map(|&c| u64::from(c)).sum();
-            if enforce && delta > 0 && live >= u64::from(limit) {
+        let count = limits::count(
+            &self.buckets.users,
+            &key,
+            node,
+            delta,
+            enforce.then_some(limit),
+            &self.nodes,
+            now_ms,
+        );
+        // Within half the gateway's request timeout, so a slow KV still
+        // gets the client a 113 with a retry hint, not a 114 timeout. (A
+        // write cut short may have landed: a slot then stays counted until
+        // the node's connections are released or it dies; rare, and on the
+        // safe side of the limit.)
+        let budget = Duration::from_millis((self.config.nats.request_timeout_ms / 2).max(1));
+        let result = tokio::time::timeout(budget, count)
+            .await
+            .unwrap_or_else(|_| Err(CountError::Kv("timed out".into())));
+        let error = match result {
+            Ok(()) => return Ok(()),
+            Err(CountError::Limit { limit }) => {
                 return Err(WireError::new(
                     ErrorCode::LIMIT_EXCEEDED,
                     format!("at most {limit} connections per user"),
                 ));
             }
-            let slot = counts.nodes.entry(node.to_owned()).or_insert(0);
-            *slot = u32::try_from((i64::from(*slot) + delta).max(0)).unwrap_or(u32::MAX);
-            counts.nodes.retain(|_, count| *count > 0);
-            let Ok(bytes) = rt_proto::internal::to_msgpack(&counts) else {
-                return Ok(());
-            };
-            let written = match revision {
-                Some(revision) => bucket
-                    .update(&key, Bytes::from(bytes), revision)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                None => bucket
-                    .create(&key, Bytes::from(bytes))
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-            };
-            match written {
-                Ok(()) => return Ok(()),
-                // Someone else wrote in between: read again.
-                Err(_) => continue,
-            }
+            Err(error) => error,
+        };
+        if matches!(error, CountError::Kv(_)) {
+            self.metrics.kv_errors.inc();
         }
-        self.metrics.kv_errors.inc();
-        tracing::warn!(
-            user,
-            "connection count contended; not enforcing the limit this time"
-        );
-        Ok(())
+        if delta > 0 && enforce {
+            let reason = error.unchecked_reason().unwrap_or("kv_error");
+            self.metrics
+                .limit_unchecked
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
+            if let Some(suppressed) = LIMIT_UNCHECKED.allow() {
+                tracing::warn!(
+                    %error,
+                    reason,
+                    suppressed,
+                    "cannot check a user's connection count: connect answered 113"
+                );
+            }
+        } else if let Some(suppressed) = LIMIT_UNCHECKED.allow() {
+            tracing::warn!(%error, suppressed, "cannot release a connection slot");
+        }
+        Err(busy("cannot check the connection limit now, retry later"))
     }
 
     pub fn refresh(&self, request: RefreshRequest) -> Result<RefreshReply, WireError> {
@@ -444,13 +430,45 @@ impl Core {
         ))
     }
 
+    /// Records a revocation in the shared bucket, which every instance
+    /// follows, and answers only once it is there: a revocation that
+    /// answered `{}` holds on every instance, present or future. Failing
+    /// that, 113: the caller retries (revoking again is harmless).
     pub async fn revoke(&self, request: RevokeRequest) -> Result<(), WireError> {
-        self.load_revocations(vec![(request.user.clone(), request.before)]);
+        if let Err(error) =
+            revocations::record(&self.buckets.revocations, &request.user, request.before).await
+        {
+            self.metrics.kv_errors.inc();
+            if let Some(suppressed) = REVOKE_FAILED.allow() {
+                tracing::warn!(%error, suppressed, "cannot record a revocation: answered 113");
+            }
+            return Err(busy("cannot record the revocation now, retry later"));
+        }
+        self.revocations
+            .apply(&request.user, request.before, now_ms());
+        // The database keeps it for audit (and to seed a bucket NATS lost).
         self.store.revoke(&request.user, request.before);
-        // Every other instance applies it too.
-        self.bus
-            .publish_msg(session::REVOKED.to_owned(), None, &request)
-            .map_err(|e| WireError::new(ErrorCode::BUSY, e.to_string()).with_retry_after(100))
+        // Instances of the previous version learn revocations only from
+        // this subject; during a rolling upgrade they still do.
+        let _ = self
+            .bus
+            .publish_msg(session::REVOKED.to_owned(), None, &request);
+        Ok(())
+    }
+
+    /// A revocation announced on `rt.session.revoked`: applied here and, in
+    /// case it came from an instance of the previous version (which does
+    /// not write the bucket), recorded in the bucket too. A no-op for one
+    /// recorded already.
+    pub async fn revoked_elsewhere(&self, request: RevokeRequest) {
+        self.revocations
+            .apply(&request.user, request.before, now_ms());
+        if let Err(error) =
+            revocations::record(&self.buckets.revocations, &request.user, request.before).await
+            && let Some(suppressed) = REVOKE_FAILED.allow()
+        {
+            tracing::warn!(%error, suppressed, "cannot record an announced revocation");
+        }
     }
 
     /// Applies a node's batch of connection events.
@@ -501,6 +519,12 @@ impl Core {
             }
         }
     }
+}
+
+/// 113 with a jittered retry hint: a temporary failure of NATS KV.
+fn busy(message: &str) -> WireError {
+    WireError::new(ErrorCode::BUSY, message)
+        .with_retry_after(KV_RETRY_MS + fastrand::u64(0..=KV_RETRY_MS))
 }
 
 /// 128 bits from the system's CSPRNG, hex: unguessable. A resume also

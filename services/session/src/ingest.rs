@@ -43,11 +43,12 @@ impl Ingest {
 
     fn accept(&self, message: NatsMessage) {
         let subject = message.subject.as_str();
-        // Revocations from other instances and events are not requests.
+        // Revocations announced by other instances are not requests (the
+        // KV watch brings them too; see `Core::revoked_elsewhere`).
         if subject == session::REVOKED {
             if let Some(request) = decode::<RevokeRequest>(&message.payload) {
-                self.core
-                    .load_revocations(vec![(request.user, request.before)]);
+                let core = self.core.clone();
+                actix_rt::spawn(async move { core.revoked_elsewhere(request).await });
             }
             return;
         }

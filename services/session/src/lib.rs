@@ -4,6 +4,10 @@
 //! - [`core`]: what each request does: `connect` authentication with the
 //!   per-user connection limit and session resume, `refresh`, channel
 //!   tokens, presence reads, revocations, connection events.
+//! - [`limits`]: the per-user connection count (compare-and-set in NATS KV;
+//!   113 rather than an unchecked admission when it cannot be counted).
+//! - [`revocations`]: the shared record of revocations in NATS KV, loaded
+//!   before ready and watched.
 //! - [`ingest`]: the actor reading `rt.session.*` in the queue group
 //!   `rt.session`, shedding with 113 past `session.queue_capacity`.
 //! - [`nodes`], [`presence`]: mirrors of the gateways' heartbeats and
@@ -11,15 +15,18 @@
 //! - [`store`]: persistence through sqlx (SQLite or PostgreSQL), write-behind.
 //!
 //! Shared state lives in NATS KV ([`rt_shared::kv`]), so any number of
-//! instances can run; the database is the durable record that warms a new
-//! instance (recent sessions, revocations) before it reports ready.
+//! instances can run. An instance reports ready once it has read the
+//! revocations from KV; the database is the durable (and audit) record
+//! that puts back into KV what NATS lost (recent sessions, revocations).
 
 pub mod auth;
 pub mod core;
 pub mod ingest;
+pub mod limits;
 pub mod metrics;
 pub mod nodes;
 pub mod presence;
+pub mod revocations;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -40,7 +47,12 @@ use crate::core::Core;
 use crate::ingest::{Ingest, Stop};
 use crate::metrics::SessionMetrics;
 use crate::nodes::REAP_LOCK_PREFIX;
+use crate::revocations::{RevocationError, RevocationView};
 use crate::store::{Store, StoreError};
+
+/// Longest an instance waits to read the revocations at start; past it, it
+/// stops (and its supervisor starts it again) rather than serve without them.
+const REVOCATIONS_LOAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -50,6 +62,8 @@ pub enum SessionError {
     Keys(#[from] KeyError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot load the revocations: {0}")]
+    Revocations(#[from] RevocationError),
     #[error("cannot serve health and metrics on {addr}: {source}")]
     Bind {
         addr: String,
@@ -115,10 +129,30 @@ pub async fn run(config: Config) -> Result<SessionHandle, SessionError> {
     let ops = server.handle();
     actix_rt::spawn(server);
 
-    let store = Store::open(&config.session, &registry).await?;
+    let store = Store::open_or_defer(&config.session, &registry).await?;
     let bus = Bus::connect(&config.nats, "rt-session", health.clone(), common.clone()).await?;
     bus.flush().await?;
     let buckets = Buckets::open(&bus).await?;
+    // Revocations first: an instance that answered without them would let
+    // revoked tokens in.
+    let max_age = buckets
+        .revocations
+        .status()
+        .await
+        .map(|status| status.max_age())
+        .unwrap_or_default();
+    let revocations = RevocationView::new(max_age);
+    let watch = tokio::time::timeout(
+        REVOCATIONS_LOAD_TIMEOUT,
+        revocations::load(&revocations, &buckets.revocations),
+    )
+    .await
+    .map_err(|_| RevocationError::Kv("timed out reading the bucket".into()))??;
+    let mut background = vec![actix_rt::spawn(revocations::follow_forever(
+        revocations.clone(),
+        buckets.revocations.clone(),
+        watch,
+    ))];
     let core = Arc::new(Core::new(
         config.clone(),
         bus.clone(),
@@ -126,9 +160,9 @@ pub async fn run(config: Config) -> Result<SessionHandle, SessionError> {
         store,
         verifier,
         metrics,
+        revocations,
     ));
 
-    let mut background = Vec::new();
     let (nodes_loaded, nodes_ready) = tokio::sync::oneshot::channel();
     background.push(actix_rt::spawn(nodes::follow_forever(
         core.nodes.clone(),
@@ -191,13 +225,17 @@ pub async fn run(config: Config) -> Result<SessionHandle, SessionError> {
     })
 }
 
-/// Loads revocations and recent sessions from the database, so a new
-/// instance (or a NATS that lost its KV) answers the hot set at once.
+/// Puts back into NATS KV what it lost (a NATS without its old file store)
+/// from the database: revocations still in force and recent sessions. The
+/// database is only a source here: with it down, the instance starts from
+/// what KV holds.
 async fn warm(core: &Core) {
-    match core.store.revocations().await {
-        Ok(revocations) => core.load_revocations(revocations),
-        Err(error) => tracing::warn!(%error, "cannot load revocations; starting without them"),
+    if core.store.started_without_database() {
+        // Each read would wait out the connect timeout for nothing.
+        tracing::warn!("database unavailable: starting from what NATS KV holds");
+        return;
     }
+    seed_revocations(core).await;
     let ttl_ms = core.config.session.resume_ttl_secs * 1000;
     let since = now_ms().saturating_sub(ttl_ms);
     let recent = match core
@@ -228,6 +266,49 @@ async fn warm(core: &Core) {
     );
 }
 
+/// Revocations the database holds and the bucket does not (or holds an
+/// earlier one of), written into the bucket. Where the bucket has a max
+/// age, only those made within it: older ones have lapsed everywhere.
+async fn seed_revocations(core: &Core) {
+    let max_age_ms = u64::try_from(core.revocations.max_age().as_millis()).unwrap_or(u64::MAX);
+    let now = now_ms();
+    let since = if max_age_ms == 0 {
+        0
+    } else {
+        now.saturating_sub(max_age_ms)
+    };
+    let stored = match core.store.revocations(since).await {
+        Ok(stored) => stored,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read revocations from the database; KV has the record");
+            return;
+        }
+    };
+    let mut seeded = 0;
+    for (user, before) in stored {
+        if core.revocations.before(&user, now) >= Some(before) {
+            continue;
+        }
+        match revocations::record(&core.buckets.revocations, &user, before).await {
+            Ok(()) => {
+                core.revocations.apply(&user, before, now);
+                seeded += 1;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot put a revocation back into KV");
+                // Still enforced here; another instance's start may write it.
+                core.revocations.apply(&user, before, now);
+            }
+        }
+    }
+    if seeded > 0 {
+        tracing::info!(
+            seeded,
+            "revocations missing from KV put back from the database"
+        );
+    }
+}
+
 /// Finds gateways that stopped beating and cleans up after them; one
 /// instance per dead node does it (a KV create is the lock).
 async fn reap_dead_nodes(core: Arc<Core>) {
@@ -240,6 +321,9 @@ async fn reap_dead_nodes(core: Arc<Core>) {
         core.metrics
             .live_nodes
             .set(i64::try_from(core.nodes.live_count(now)).unwrap_or(i64::MAX));
+        core.metrics
+            .revocations
+            .set(i64::try_from(core.revocations.len()).unwrap_or(i64::MAX));
         for node in core.nodes.dead(now) {
             let lock = format!("{REAP_LOCK_PREFIX}{node}");
             let taken = core

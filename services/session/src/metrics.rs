@@ -20,6 +20,12 @@ pub struct CacheLabel {
     pub cache: &'static str,
 }
 
+/// Label `reason` (`kv_error`, `contended`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
 #[derive(Clone)]
 pub struct SessionMetrics {
     pub requests: Family<OpLabel, Counter>,
@@ -33,6 +39,8 @@ pub struct SessionMetrics {
     pub live_nodes: Gauge,
     pub nodes_reaped: Counter,
     pub kv_errors: Counter,
+    pub limit_unchecked: Family<ReasonLabel, Counter>,
+    pub revocations: Gauge,
 }
 
 impl SessionMetrics {
@@ -49,6 +57,8 @@ impl SessionMetrics {
             live_nodes: Gauge::default(),
             nodes_reaped: Counter::default(),
             kv_errors: Counter::default(),
+            limit_unchecked: Family::default(),
+            revocations: Gauge::default(),
         };
         registry.register(
             "rt_session_requests",
@@ -104,6 +114,16 @@ impl SessionMetrics {
             "rt_session_kv_errors",
             "Failed NATS KV operations",
             m.kv_errors.clone(),
+        );
+        registry.register(
+            "rt_session_limit_unchecked",
+            "Connects answered 113 because the per-user connection count could not be checked, by reason (kv_error, contended)",
+            m.limit_unchecked.clone(),
+        );
+        registry.register(
+            "rt_session_revocations",
+            "Revocations this instance enforces, mirrored from NATS KV",
+            m.revocations.clone(),
         );
         m
     }

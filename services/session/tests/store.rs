@@ -397,12 +397,12 @@ async fn revocations_keep_the_maximum() {
         store.flush().await.unwrap();
         store.revoke("alice", 70);
         store.flush().await.unwrap();
-        let mut all = store.revocations().await.unwrap();
+        let mut all = store.revocations(0).await.unwrap();
         all.sort();
         assert_eq!(all, vec![("alice".into(), 100), ("bob".into(), 7)]);
         // A queued revocation is seen before it is written.
         store.revoke("alice", 200);
-        let mut all = store.revocations().await.unwrap();
+        let mut all = store.revocations(0).await.unwrap();
         all.sort();
         assert_eq!(all[0], ("alice".into(), 200));
         store.flush().await.unwrap();
@@ -411,6 +411,13 @@ async fn revocations_keep_the_maximum() {
                 .await,
             200
         );
+        // Only those made since a time (the ones a bucket's max age still keeps).
+        store.revoke("carol", 1);
+        assert!(
+            store.revocations(u64::MAX).await.unwrap().is_empty(),
+            "none made that late, queued or stored"
+        );
+        assert_eq!(store.revocations(0).await.unwrap().len(), 3);
     })
     .await;
 }
@@ -631,4 +638,61 @@ async fn a_full_buffer_drops_audit_rows_first() {
         );
     })
     .await;
+}
+
+/// PostgreSQL refusing connections when the service starts: the store opens
+/// anyway, queues, and once the database answers migrates it and writes.
+#[tokio::test]
+async fn a_database_down_at_start_is_migrated_and_written_once_it_answers() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        // SQLite is a local file: failing there is a setup mistake, reported at once.
+        let registry = MetricsRegistry::default();
+        let config = SessionConfig {
+            database_url: "sqlite:///nonexistent-directory/rt/store.db".into(),
+            ..SessionConfig::default()
+        };
+        let error = Store::open_or_defer(&config, &registry)
+            .await
+            .err()
+            .expect("an unusable SQLite path fails");
+        assert!(matches!(error, StoreError::Connect { .. }), "{error:?}");
+
+        let Some(db) = postgres_db().await else {
+            return;
+        };
+        let name = db.pg.as_ref().unwrap().name.clone();
+        let admin = admin_pool().await.unwrap();
+        let allow = |allowed: bool| {
+            AssertSqlSafe(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {allowed}"))
+        };
+        sqlx::query(allow(false)).execute(&admin).await.unwrap();
+        let registry = MetricsRegistry::default();
+        let store = Store::open_or_defer(&db.config(), &registry)
+            .await
+            .expect("starts without its database");
+        assert!(store.started_without_database());
+        store.revoke("alice", 42);
+        store.audit(audit("during", AuditEvent::Connect, None));
+        assert!(matches!(
+            store.flush().await,
+            Err(StoreError::Unavailable { .. })
+        ));
+        assert_eq!(store.pending(), 2, "kept for later");
+
+        sqlx::query(allow(true)).execute(&admin).await.unwrap();
+        admin.close().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while store.flush().await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "never written");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            db.scalar("SELECT before_secs FROM revocations WHERE user_id = 'alice'")
+                .await,
+            42
+        );
+        assert_eq!(db.scalar("SELECT COUNT(*) FROM connections").await, 1);
+    })
+    .await
+    .expect("test timed out");
 }

@@ -17,6 +17,7 @@ mod presence;
 mod protocol;
 mod rpc;
 mod session;
+mod session_failures;
 mod slow_consumers;
 
 use std::time::Duration;

@@ -115,6 +115,25 @@ impl Db {
         Ok(db)
     }
 
+    /// A PostgreSQL pool that connects on first use, for starting while the
+    /// database is unreachable; the caller migrates once it answers. Only
+    /// the URL is checked here.
+    pub fn open_lazy(url: &str) -> Result<Db, StoreError> {
+        let scheme = scheme(url);
+        match scheme {
+            "postgres" | "postgresql" => Ok(Db::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .connect_lazy(url)
+                    .map_err(|source| StoreError::Connect { scheme, source })?,
+            )),
+            other => Err(StoreError::Scheme {
+                scheme: other.to_string(),
+            }),
+        }
+    }
+
     /// Applies pending migrations (a no-op when all are applied).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         on_db!(self, pool => MIGRATOR.run(pool).await).map_err(|source| StoreError::Migrate {
@@ -252,9 +271,13 @@ impl Db {
         })
     }
 
-    pub async fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError> {
+    pub async fn revocations(
+        &self,
+        created_since_ms: u64,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
         on_db!(self, pool => {
-            let rows = sqlx::query("SELECT user_id, before_secs FROM revocations")
+            let rows = sqlx::query("SELECT user_id, before_secs FROM revocations WHERE created_ms >= $1")
+                .bind(to_i64(created_since_ms))
                 .fetch_all(pool)
                 .await
                 .map_err(|error| self.query_error(error))?;

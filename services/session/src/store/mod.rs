@@ -104,6 +104,8 @@ pub struct Store {
 struct Inner {
     db: Db,
     shared: Arc<Shared>,
+    /// Opened with [`Store::open_or_defer`] while the database was down.
+    deferred: bool,
 }
 
 impl Drop for Inner {
@@ -123,16 +125,60 @@ impl Store {
         registry: &MetricsRegistry,
     ) -> Result<Store, StoreError> {
         let db = Db::open(&config.database_url).await?;
+        Ok(Self::start(config, registry, db, true))
+    }
+
+    /// [`Store::open`], except that a PostgreSQL database that cannot be
+    /// reached (or migrated) now does not stop the service: the store
+    /// starts without it, queues writes as during any outage, and the
+    /// writer connects and migrates before its first batch. The service's
+    /// shared state is in NATS KV, so it can serve meanwhile; a crash during
+    /// a database outage must not become a session service outage. A bad
+    /// URL, or SQLite (a local file: a failure there is a setup mistake),
+    /// still fails here.
+    pub async fn open_or_defer(
+        config: &SessionConfig,
+        registry: &MetricsRegistry,
+    ) -> Result<Store, StoreError> {
+        let url = &config.database_url;
+        match Db::open(url).await {
+            Ok(db) => Ok(Self::start(config, registry, db, true)),
+            Err(error @ (StoreError::Connect { .. } | StoreError::Migrate { .. }))
+                if matches!(db::scheme(url), "postgres" | "postgresql") =>
+            {
+                let db = Db::open_lazy(url)?;
+                tracing::error!(
+                    %error,
+                    "database unavailable at start: serving without it, writes are queued until it answers"
+                );
+                Ok(Self::start(config, registry, db, false))
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Spawns the writer over `db` (`migrated`: whether the migrations ran).
+    fn start(config: &SessionConfig, registry: &MetricsRegistry, db: Db, migrated: bool) -> Store {
         let metrics = StoreMetrics::new(registry);
         let shared = Arc::new(Shared::new(config.write_buffer, metrics));
         let writer = WriterConfig {
             batch_size: config.write_batch_size.max(1),
             interval: Duration::from_millis(config.write_interval_ms),
         };
-        tokio::spawn(writer::run(shared.clone(), db.clone(), writer));
-        Ok(Store {
-            inner: Arc::new(Inner { db, shared }),
-        })
+        tokio::spawn(writer::run(shared.clone(), db.clone(), writer, migrated));
+        Store {
+            inner: Arc::new(Inner {
+                db,
+                shared,
+                deferred: !migrated,
+            }),
+        }
+    }
+
+    /// Whether the database was unreachable when the store opened (reads
+    /// then wait out the connect timeout until it is back).
+    pub fn started_without_database(&self) -> bool {
+        self.inner.deferred
     }
 
     /// Queues an upsert of session `id` (a queued one for the same id is replaced).
@@ -187,8 +233,12 @@ impl Store {
         self.inner.db.recent_sessions(since_ms, limit).await
     }
 
-    /// Every revocation `(user, before_secs)`, including queued ones.
-    pub async fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError> {
+    /// Every revocation `(user, before_secs)` made at or after
+    /// `created_since_ms`, including queued ones.
+    pub async fn revocations(
+        &self,
+        created_since_ms: u64,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
         // What is queued or being written is read first: a batch committed
         // while the database is being read is then either in that read or
         // in this snapshot, never in neither.
@@ -204,11 +254,17 @@ impl Store {
                 .buffer
                 .revocations()
                 .chain(inflight)
+                .filter(|r| r.created_ms >= created_since_ms)
                 .map(|r| (r.user.clone(), r.before_secs))
                 .collect()
         };
-        let mut all: std::collections::HashMap<String, u64> =
-            self.inner.db.revocations().await?.into_iter().collect();
+        let mut all: std::collections::HashMap<String, u64> = self
+            .inner
+            .db
+            .revocations(created_since_ms)
+            .await?
+            .into_iter()
+            .collect();
         for (user, before_secs) in pending {
             let before = all.entry(user).or_default();
             *before = (*before).max(before_secs);

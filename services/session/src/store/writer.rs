@@ -197,10 +197,13 @@ struct Writer {
     last_start: Option<Instant>,
     /// Since when the database has been failing, if it is.
     down_since: Option<Instant>,
+    /// Whether the migrations have run (not yet when the store started
+    /// with the database unreachable).
+    migrated: bool,
 }
 
 /// The writer task: runs until the store is closed and drained.
-pub(super) async fn run(shared: Arc<Shared>, db: Db, config: WriterConfig) {
+pub(super) async fn run(shared: Arc<Shared>, db: Db, config: WriterConfig, migrated: bool) {
     let _stop = StopGuard(shared.clone());
     let mut writer = Writer {
         shared,
@@ -208,6 +211,7 @@ pub(super) async fn run(shared: Arc<Shared>, db: Db, config: WriterConfig) {
         config,
         last_start: None,
         down_since: None,
+        migrated,
     };
     while let Some(batch) = writer.next_batch().await {
         writer.write(batch).await;
@@ -336,7 +340,15 @@ impl Writer {
 
     /// One attempt: the whole batch in one transaction, or row by row if the
     /// database refuses some of the data. Counts the rows written.
-    async fn attempt(&self, batch: &Arc<Batch>) -> Result<(), Failure> {
+    async fn attempt(&mut self, batch: &Arc<Batch>) -> Result<(), Failure> {
+        if !self.migrated {
+            // The tables may not exist yet: a failure is like any outage.
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, self.db.migrate()).await {
+                Ok(Ok(())) => self.migrated = true,
+                Ok(Err(error)) => return Err(Failure::Transient(error.to_string())),
+                Err(_) => return Err(Failure::Transient("migrations timed out".into())),
+            }
+        }
         match self.write_once(batch).await {
             Ok(()) => {
                 for kind in [Kind::Session, Kind::Audit, Kind::Revocation] {
