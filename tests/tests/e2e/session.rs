@@ -1,8 +1,11 @@
 //! Tokens, private channels, resumable sessions, limits and kicks: the
 //! session service seen from outside, through the gateways.
 
+use std::collections::{BTreeSet, HashSet};
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use rt_tests::tokens::{self, now_secs};
 use serde_json::{Value, json};
 
@@ -530,7 +533,7 @@ async fn a_full_session_queue_sheds_with_113_and_a_retry_hint() {
 }
 
 #[actix_rt::test]
-async fn two_session_instances_share_limits_sessions_and_revocations() {
+async fn two_session_instances_share_connection_limits_and_revocations() {
     let mut cluster = TestCluster::start_with(2, |c| c.session.max_connections_per_user = 3).await;
     cluster.add_session().await;
     // Connects spread over both instances; the limit holds across them.
@@ -677,4 +680,684 @@ async fn sockets_that_leave_during_connect_do_not_keep_connection_slots() {
         Some(())
     })
     .await;
+}
+
+/// The sum of the samples of `name` (e.g. `rt_session_requests_total`) whose
+/// labels include every one of `labels` (e.g. `op="auth"`), as session
+/// instance `index` exports them.
+async fn session_metric(cluster: &TestCluster, index: usize, name: &str, labels: &[&str]) -> f64 {
+    let text = rt_tests::http::get(cluster.sessions[index].ops_addr(), "/metrics", &[])
+        .await
+        .text();
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            let wanted = metric == name && labels.iter().all(|label| series.contains(label));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// `rt_session_created_total` of each session instance.
+async fn sessions_created(cluster: &TestCluster) -> Vec<f64> {
+    let mut counts = Vec::new();
+    for index in 0..cluster.sessions.len() {
+        counts.push(session_metric(cluster, index, "rt_session_created_total", &[]).await);
+    }
+    counts
+}
+
+/// Sleeps until the wall clock reaches `secs` (seconds since the Unix epoch),
+/// the moment a token with that `exp` stops being valid.
+async fn sleep_until_secs(secs: u64) {
+    while now_secs() < secs {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A client of `user` on `gateway`, subscribed to `channel`; with its client id.
+async fn joined(
+    cluster: &TestCluster,
+    gateway: usize,
+    encoding: WsEncoding,
+    user: &str,
+    channel: &str,
+) -> (WsClient, String) {
+    let args = json!({ "token": tokens::token(user) });
+    let (mut client, ok) = WsClient::connected_with(&cluster.ws_url(gateway), encoding, args).await;
+    let reply = client
+        .command("subscribe", json!({ "channel": channel }))
+        .await;
+    assert!(reply["ok"].is_object(), "{reply}");
+    (client, ok["client"].as_str().expect("client id").to_owned())
+}
+
+/// The next `kind` (`join` or `leave`) push about client `id`.
+async fn presence_push(client: &mut WsClient, kind: &str, id: &str) -> Value {
+    within(&format!("{kind} of {id}"), STEP, async {
+        loop {
+            let push = client.next_push(kind).await;
+            if push["info"]["client"] == json!(id) {
+                return push;
+            }
+        }
+    })
+    .await
+}
+
+/// Who is in `channel`, asked over WebSocket through `client` and over HTTP
+/// through the gateway at `gateway`.
+async fn listed_both_ways(
+    cluster: &TestCluster,
+    gateway: usize,
+    client: &mut WsClient,
+    channel: &str,
+) -> (BTreeSet<String>, BTreeSet<String>) {
+    let ids = |clients: &Value| -> BTreeSet<String> {
+        clients
+            .as_object()
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let reply = client
+        .command("presence", json!({ "channel": channel }))
+        .await;
+    let res = rt_tests::http::get(
+        cluster.addr(gateway),
+        &format!("/api/presence/{channel}"),
+        &[("authorization", &format!("apikey {API_KEY}"))],
+    )
+    .await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    (ids(&reply["ok"]["clients"]), ids(&res.json()["clients"]))
+}
+
+/// Waits until `presence` lists exactly `expected` through every gateway,
+/// both over WebSocket (`clients[g]` is on gateway `g`) and over HTTP; then
+/// asks a few more times, so that both session instances (each answers from
+/// its own mirror of the presence bucket) are seen to agree.
+async fn listed_everywhere(
+    cluster: &TestCluster,
+    clients: &mut [&mut WsClient],
+    channel: &str,
+    expected: &[&str],
+) {
+    let expected: BTreeSet<String> = expected.iter().map(|id| (*id).to_owned()).collect();
+    for (gateway, client) in clients.iter_mut().enumerate() {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            let (ws, http) = listed_both_ways(cluster, gateway, client, channel).await;
+            if ws == expected && http == expected {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "gateway {gateway} never listed {expected:?}: over WebSocket {ws:?}, over HTTP {http:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for _ in 0..4 {
+            let (ws, http) = listed_both_ways(cluster, gateway, client, channel).await;
+            assert_eq!(ws, expected, "gateway {gateway} over WebSocket");
+            assert_eq!(http, expected, "gateway {gateway} over HTTP");
+        }
+    }
+}
+
+/// The `data` of a recovered subscription's `pubs`.
+fn recovered_data(sub: &Value) -> Vec<Value> {
+    sub["pubs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no pubs in {sub}"))
+        .iter()
+        .map(|p| p["data"].clone())
+        .collect()
+}
+
+/// Everything the session service does must hold with two instances (a
+/// queue group: any request may reach either) behind two gateways: a session
+/// resumed through the other gateway and instance, presence and join/leave
+/// across gateways, kicks on both gateways, `refresh`, and, once one instance
+/// stops, the other serving everything, sessions the stopped one created
+/// included.
+#[actix_rt::test]
+async fn two_session_instances_behind_two_gateways_share_sessions_presence_kicks_and_refresh() {
+    const ROOM: &str = "room:two-by-two";
+    const CHAT: &str = "chat:two-by-two";
+    let mut cluster = TestCluster::start_with(2, |_| {}).await;
+    cluster.add_session().await;
+
+    // refresh keeps a live connection whose first token lasts 2 s. Each
+    // token differs (no cache hit), so both instances verify some.
+    let first_exp = now_secs() + 2;
+    let short = tokens::token_with(json!({"sub": "dora", "exp": first_exp, "iat": now_secs()}));
+    let (mut dora, _) = WsClient::connected_with(
+        &cluster.ws_url(1),
+        WsEncoding::MsgPack,
+        json!({ "token": short }),
+    )
+    .await;
+    for i in 0..16 {
+        let exp = now_secs() + 3600 + i;
+        let fresh = tokens::token_with(json!({"sub": "dora", "exp": exp, "iat": now_secs()}));
+        let reply = dora.command("refresh", json!({ "token": fresh })).await;
+        assert_eq!(
+            reply["ok"]["expires_at"],
+            json!(exp),
+            "refresh {i}: {reply}"
+        );
+    }
+    let reply = dora
+        .command("refresh", json!({ "token": tokens::token("erin") }))
+        .await;
+    assert_eq!(code(&reply), 101, "a token for another user");
+
+    // Presence and join/leave across the gateways.
+    let (mut ann, ann_id) = joined(&cluster, 0, WsEncoding::Json, "ann", ROOM).await;
+    let (mut ben, ben_id) = joined(&cluster, 1, WsEncoding::MsgPack, "ben", ROOM).await;
+    let join = presence_push(&mut ann, "join", &ben_id).await;
+    assert_eq!(join["info"], json!({"user": "ben", "client": ben_id}));
+    listed_everywhere(
+        &cluster,
+        &mut [&mut ann, &mut ben],
+        ROOM,
+        &[&ann_id, &ben_id],
+    )
+    .await;
+
+    // A session made through gateway 0 resumes through gateway 1 with what it missed.
+    let carl_token = tokens::token("carl");
+    let (mut carl, ok) = WsClient::connected_with(
+        &cluster.ws_url(0),
+        WsEncoding::Json,
+        json!({ "token": carl_token }),
+    )
+    .await;
+    let session = ok["session"].clone();
+    let carl_id = ok["client"].as_str().expect("client id").to_owned();
+    let sub = carl.command("subscribe", json!({ "channel": CHAT })).await;
+    let epoch = sub["ok"]["epoch"].clone();
+    carl.command("subscribe", json!({ "channel": ROOM })).await;
+    presence_push(&mut ben, "join", &carl_id).await;
+    carl.command("publish", json!({"channel": CHAT, "data": "seen"}))
+        .await;
+    let seen = carl.next_push("pub").await["offset"]
+        .as_u64()
+        .expect("offset");
+    // The subscription list reaches the session service, then the client goes.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    drop(carl);
+    presence_push(&mut ben, "leave", &carl_id).await;
+    let mut publisher = cluster.client(1, WsEncoding::Json).await;
+    for i in 0..3 {
+        publisher
+            .command("publish", json!({"channel": CHAT, "data": i}))
+            .await;
+    }
+    let args = json!({
+        "token": carl_token,
+        "session": session,
+        "subs": { CHAT: {"offset": seen, "epoch": epoch} },
+    });
+    let (mut carl, ok) =
+        WsClient::connected_with(&cluster.ws_url(1), WsEncoding::MsgPack, args).await;
+    assert_eq!(ok["resumed"], json!(true), "{ok}");
+    assert_eq!(ok["session"], session);
+    assert_eq!(ok["subs"][CHAT]["recovered"], json!(true), "{ok}");
+    assert_eq!(
+        recovered_data(&ok["subs"][CHAT]),
+        vec![json!(0), json!(1), json!(2)]
+    );
+    assert!(
+        ok["subs"][ROOM]["offset"].is_u64(),
+        "the room comes back: {ok}"
+    );
+    let carl_id = ok["client"].as_str().expect("client id").to_owned();
+    // Its restored room subscription joins again, seen on the other gateway.
+    presence_push(&mut ann, "join", &carl_id).await;
+    listed_everywhere(
+        &cluster,
+        &mut [&mut ann, &mut ben],
+        ROOM,
+        &[&ann_id, &ben_id, &carl_id],
+    )
+    .await;
+
+    // POST /api/disconnect through one gateway kicks the user on both.
+    let mut eve_on_first = cluster.client_as(0, WsEncoding::Json, "eve").await;
+    let (mut eve_on_second, eve_id) = joined(&cluster, 1, WsEncoding::MsgPack, "eve", ROOM).await;
+    presence_push(&mut ann, "join", &eve_id).await;
+    let res = rt_tests::http::post_json(
+        cluster.addr(0),
+        "/api/disconnect",
+        Some(API_KEY),
+        &json!({"user": "eve"}),
+    )
+    .await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    for (gateway, eve) in [(0, &mut eve_on_first), (1, &mut eve_on_second)] {
+        let push = eve.next_push("disconnect").await;
+        assert_eq!(push["code"], json!(4008), "gateway {gateway}");
+        assert_eq!(push["reconnect"], json!(false), "gateway {gateway}");
+        assert_eq!(eve.closed().await.0, 4008, "gateway {gateway}");
+    }
+    presence_push(&mut ann, "leave", &eve_id).await;
+    for bystander in [&mut ann, &mut ben, &mut carl] {
+        assert_eq!(bystander.command("ping", json!({})).await["ok"], json!({}));
+    }
+
+    // Enough connects that both instances surely answered some (each goes
+    // to one of the two at random: 2^-20 that one instance got them all).
+    for i in 0..20 {
+        let mut c = cluster
+            .client_as(i % 2, WsEncoding::Json, &format!("spread{i}"))
+            .await;
+        c.close().await;
+    }
+    for index in 0..2 {
+        for op in ["auth", "refresh", "presence"] {
+            let answered = session_metric(
+                &cluster,
+                index,
+                "rt_session_requests_total",
+                &[&format!("op=\"{op}\""), "code=\"0\""],
+            )
+            .await;
+            assert!(answered > 0.0, "instance {index} answered no {op} request");
+        }
+    }
+
+    // dora's first token has run out; her refreshed connection stays.
+    sleep_until_secs(first_exp + 1).await;
+    assert_eq!(dora.command("ping", json!({})).await["ok"], json!({}));
+
+    // One instance stops: the other serves everything, including resuming a
+    // session that only the stopped one handled.
+    let before = sessions_created(&cluster).await;
+    let fay_token = tokens::token("fay");
+    let (mut fay, ok) = WsClient::connected_with(
+        &cluster.ws_url(0),
+        WsEncoding::Json,
+        json!({ "token": fay_token }),
+    )
+    .await;
+    let after = sessions_created(&cluster).await;
+    let creator: Vec<usize> = (0..2).filter(|&i| after[i] > before[i]).collect();
+    assert_eq!(
+        creator.len(),
+        1,
+        "one instance made fay's session: {before:?} → {after:?}"
+    );
+    let creator = creator[0];
+    let fay_session = ok["session"].clone();
+    let sub = fay.command("subscribe", json!({ "channel": CHAT })).await;
+    let (offset, epoch) = (sub["ok"]["offset"].clone(), sub["ok"]["epoch"].clone());
+    fay.command("subscribe", json!({ "channel": ROOM })).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    fay.close().await;
+    // The close reaches a session instance before the one that made the session goes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.sessions.remove(creator).stop().await;
+    let resumed_before = session_metric(&cluster, 0, "rt_session_resumed_total", &[]).await;
+    publisher
+        .command("publish", json!({"channel": CHAT, "data": "while away"}))
+        .await;
+    let args = json!({
+        "token": fay_token,
+        "session": fay_session,
+        "subs": { CHAT: {"offset": offset, "epoch": epoch} },
+    });
+    let (_fay, ok) = WsClient::connected_with(&cluster.ws_url(1), WsEncoding::Json, args).await;
+    assert_eq!(ok["resumed"], json!(true), "{ok}");
+    assert_eq!(ok["session"], fay_session);
+    assert_eq!(
+        recovered_data(&ok["subs"][CHAT]),
+        vec![json!("while away")],
+        "{ok}"
+    );
+    assert!(
+        ok["subs"][ROOM]["offset"].is_u64(),
+        "the room comes back: {ok}"
+    );
+    let fay_id = ok["client"].as_str().expect("client id").to_owned();
+    assert_eq!(
+        session_metric(&cluster, 0, "rt_session_resumed_total", &[]).await,
+        resumed_before + 1.0,
+        "the remaining instance resumed it"
+    );
+    presence_push(&mut ann, "join", &fay_id).await;
+    listed_everywhere(
+        &cluster,
+        &mut [&mut ann, &mut ben],
+        ROOM,
+        &[&ann_id, &ben_id, &carl_id, &fay_id],
+    )
+    .await;
+    let fresh = tokens::token_with(json!({"sub": "dora", "exp": now_secs() + 7200}));
+    let reply = dora.command("refresh", json!({ "token": fresh })).await;
+    assert!(reply["ok"]["expires_at"].is_u64(), "{reply}");
+}
+
+/// A session resumes within `resume_ttl_secs` of its connection's end, and
+/// not after: then the client gets a new session (`resumed: false`) and the
+/// old one's channels do not come back. Channels the client lists itself
+/// still recover from the channel's history, which does not depend on the session.
+#[actix_rt::test]
+async fn a_session_resumes_within_resume_ttl_secs_and_not_after() {
+    const TTL: Duration = Duration::from_secs(2);
+    const LISTED: &str = "chat:ttl-listed";
+    const KEPT: &str = "chat:ttl-kept";
+    let cluster = TestCluster::start_with(1, |c| c.session.resume_ttl_secs = TTL.as_secs()).await;
+    let token = tokens::token("tilda");
+    let (mut c, ok) = WsClient::connected_with(
+        &cluster.ws_url(0),
+        WsEncoding::Json,
+        json!({ "token": token }),
+    )
+    .await;
+    let session = ok["session"].clone();
+    let sub = c.command("subscribe", json!({ "channel": LISTED })).await;
+    let epoch = sub["ok"]["epoch"].clone();
+    c.command("subscribe", json!({ "channel": KEPT })).await;
+    c.command("publish", json!({"channel": LISTED, "data": "seen"}))
+        .await;
+    let seen = c.next_push("pub").await["offset"].as_u64().expect("offset");
+    c.close().await;
+    let closed = tokio::time::Instant::now();
+    let mut publisher = cluster.client(0, WsEncoding::Json).await;
+    publisher
+        .command("publish", json!({"channel": LISTED, "data": 1}))
+        .await;
+    // The close reaches the session service (events go every 50 ms).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let args = json!({
+        "token": token,
+        "session": session,
+        "subs": { LISTED: {"offset": seen, "epoch": epoch} },
+    });
+    let (mut c, ok) = WsClient::connected_with(&cluster.ws_url(0), WsEncoding::Json, args).await;
+    assert!(
+        closed.elapsed() < TTL,
+        "the machine is too slow for this test: the resume came {:?} after the close",
+        closed.elapsed()
+    );
+    assert_eq!(ok["resumed"], json!(true), "within the TTL: {ok}");
+    assert_eq!(ok["session"], session);
+    assert_eq!(recovered_data(&ok["subs"][LISTED]), vec![json!(1)]);
+    assert!(ok["subs"][KEPT]["offset"].is_u64(), "{ok}");
+    let latest = ok["subs"][LISTED]["offset"].as_u64().expect("offset");
+
+    c.close().await;
+    let closed = tokio::time::Instant::now();
+    publisher
+        .command("publish", json!({"channel": LISTED, "data": 2}))
+        .await;
+    tokio::time::sleep_until(closed + TTL + Duration::from_millis(500)).await;
+    let args = json!({
+        "token": token,
+        "session": session,
+        "subs": { LISTED: {"offset": latest, "epoch": epoch} },
+    });
+    let (mut c, ok) = WsClient::connected_with(&cluster.ws_url(0), WsEncoding::Json, args).await;
+    assert_eq!(ok["resumed"], json!(false), "past the TTL: {ok}");
+    let fresh = ok["session"].as_str().expect("a session id");
+    assert_eq!(fresh.len(), 32, "{ok}");
+    assert_ne!(ok["session"], session, "a new session");
+    assert!(ok["subs"].get(KEPT).is_none(), "not restored: {ok}");
+    assert_eq!(ok["subs"][LISTED]["recovered"], json!(true), "{ok}");
+    assert_eq!(recovered_data(&ok["subs"][LISTED]), vec![json!(2)]);
+    // Nothing of the old session's channel reaches it.
+    publisher
+        .command("publish", json!({"channel": KEPT, "data": "not for you"}))
+        .await;
+    publisher
+        .command("publish", json!({"channel": LISTED, "data": 3}))
+        .await;
+    let next = c.next_push("pub").await;
+    assert_eq!(
+        (next["channel"].clone(), next["data"].clone()),
+        (json!(LISTED), json!(3))
+    );
+    assert!(
+        c.next_message_now().is_none(),
+        "nothing else arrived with it"
+    );
+}
+
+/// A verified token is cached, but never past its `exp`: after it, the same
+/// token is refused with 109 both at `connect` and in `refresh`.
+#[actix_rt::test]
+async fn a_cached_token_verdict_never_outlives_the_tokens_exp() {
+    let cluster = TestCluster::start().await;
+    let exp = now_secs() + 4;
+    let token = tokens::token_with(json!({"sub": "cora", "exp": exp, "iat": now_secs()}));
+    let (mut live, _) = WsClient::connected_with(
+        &cluster.ws_url(0),
+        WsEncoding::Json,
+        json!({ "token": tokens::token("cora") }),
+    )
+    .await;
+    let hits = || session_metric(&cluster, 0, "rt_cache_hits_total", &["cache=\"token\""]);
+    let hits_before = hits().await;
+    for _ in 0..2 {
+        let (mut c, ok) = WsClient::connected_with(
+            &cluster.ws_url(0),
+            WsEncoding::Json,
+            json!({ "token": token }),
+        )
+        .await;
+        assert_eq!(ok["user"], json!("cora"));
+        c.close().await;
+    }
+    let reply = live.command("refresh", json!({ "token": token })).await;
+    assert_eq!(reply["ok"]["expires_at"], json!(exp), "{reply}");
+    // Back to a long token, so the live connection outlives the short one.
+    let reply = live
+        .command("refresh", json!({ "token": tokens::token("cora") }))
+        .await;
+    assert!(reply["ok"]["expires_at"].as_u64() > Some(exp), "{reply}");
+    assert!(
+        hits().await >= hits_before + 2.0,
+        "the token was verified once, then served from the cache"
+    );
+    assert!(now_secs() < exp, "the machine is too slow for this test");
+
+    sleep_until_secs(exp).await;
+    for attempt in 0..2 {
+        assert_eq!(
+            refused_connect(&cluster, json!({ "token": token })).await,
+            (109, 4003),
+            "connect {attempt} after exp"
+        );
+    }
+    let reply = live.command("refresh", json!({ "token": token })).await;
+    assert_eq!(code(&reply), 109, "refresh after exp: {reply}");
+    assert_eq!(live.command("ping", json!({})).await["ok"], json!({}));
+}
+
+/// A channel token's authorization is cached too, never past its `exp`:
+/// after it, the same channel token is refused with 109, the connections it
+/// opened the channel to need a new one, and a resumed session does not
+/// bring the channel back.
+#[actix_rt::test]
+async fn a_cached_channel_token_verdict_is_not_reused_after_its_exp() {
+    const CHANNEL: &str = "priv:soon";
+    let cluster = TestCluster::start().await;
+    let exp = now_secs() + 4;
+    let channel_token = tokens::token_with(json!({"sub": "cole", "channel": CHANNEL, "exp": exp}));
+    let subscribe = json!({"channel": CHANNEL, "token": channel_token});
+    let user_token = tokens::token("cole");
+    let (mut first, first_ok) = WsClient::connected_with(
+        &cluster.ws_url(0),
+        WsEncoding::Json,
+        json!({ "token": user_token }),
+    )
+    .await;
+    let reply = first.command("subscribe", subscribe.clone()).await;
+    assert!(reply["ok"].is_object(), "{reply}");
+    let hits = || {
+        session_metric(
+            &cluster,
+            0,
+            "rt_cache_hits_total",
+            &["cache=\"channel_token\""],
+        )
+    };
+    let hits_before = hits().await;
+    let mut second = cluster.client_as(0, WsEncoding::MsgPack, "cole").await;
+    let reply = second.command("subscribe", subscribe.clone()).await;
+    assert!(reply["ok"].is_object(), "{reply}");
+    assert!(
+        hits().await >= hits_before + 1.0,
+        "the second authorization came from the cache"
+    );
+    second
+        .command("unsubscribe", json!({ "channel": CHANNEL }))
+        .await;
+    assert!(now_secs() < exp, "the machine is too slow for this test");
+
+    sleep_until_secs(exp).await;
+    let mut third = cluster.client_as(0, WsEncoding::Json, "cole").await;
+    assert_eq!(
+        code(&third.command("subscribe", subscribe.clone()).await),
+        109,
+        "a new connection after exp"
+    );
+    assert_eq!(
+        code(&second.command("subscribe", subscribe.clone()).await),
+        109,
+        "the connection the token opened the channel to, after exp"
+    );
+    assert_eq!(
+        code(
+            &second
+                .command("subscribe", json!({ "channel": CHANNEL }))
+                .await
+        ),
+        103,
+        "its grant ended with the token"
+    );
+    first.close().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let args = json!({"token": user_token, "session": first_ok["session"]});
+    let (_, ok) = WsClient::connected_with(&cluster.ws_url(0), WsEncoding::Json, args).await;
+    assert_eq!(ok["resumed"], json!(true), "{ok}");
+    assert!(
+        ok["subs"].get(CHANNEL).is_none(),
+        "a private channel whose token expired is not restored: {ok}"
+    );
+}
+
+/// A new session instance answers `/readyz` with 503 while it loads its hot
+/// set (recent sessions) from the database into NATS KV, and 200 only once
+/// all of it is there. The database holds enough sessions that warming takes
+/// a measurable time, and `/readyz` is polled from the instance's start.
+#[actix_rt::test]
+async fn readyz_is_503_while_a_new_session_instance_warms_and_200_once_warmed() {
+    const SESSIONS: usize = 4_000;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cluster = TestCluster::start().await;
+    for instance in cluster.sessions.drain(..) {
+        instance.stop().await;
+    }
+    let mut config = cluster.config.clone();
+    config.session.database_url = format!("sqlite://{}/warm.db", dir.path().display());
+    config.session.warm_sessions = SESSIONS;
+    // The durable record of SESSIONS recently closed sessions, written as the
+    // service writes it.
+    let ids: Vec<String> = (0..SESSIONS)
+        .map(|i| format!("{:032x}", 0x5eed_0000_u64 + i as u64))
+        .collect();
+    {
+        let registry = rt_shared::metrics::MetricsRegistry::default();
+        let store = rt_session::store::Store::open(&config.session, &registry)
+            .await
+            .expect("the database opens");
+        let now = rt_shared::telemetry::now_ms();
+        for (i, id) in ids.iter().enumerate() {
+            let age = i as u64;
+            let record = rt_proto::session::SessionRecord {
+                user: format!("warm{i}"),
+                created_ms: now - 60_000,
+                updated_ms: now - 1_000 - age,
+                node: None,
+                closed_ms: Some(now - 1_000 - age),
+                subs: vec!["chat:warmed".to_owned()],
+                grants: Vec::new(),
+            };
+            store.save_session(id, &record);
+        }
+        store.flush().await.expect("the sessions are written");
+    }
+    let js = async_nats::jetstream::new(cluster.nats_client().await);
+    let bucket = js
+        .get_key_value(rt_proto::session::SESSIONS_BUCKET)
+        .await
+        .expect("sessions bucket");
+    let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let in_kv = || async {
+        let mut keys = bucket.keys().await.expect("keys");
+        let mut found = 0;
+        while let Some(key) = keys.next().await {
+            if wanted.contains(key.expect("a key").as_str()) {
+                found += 1;
+            }
+        }
+        found
+    };
+    assert_eq!(in_kv().await, 0, "KV starts without them");
+
+    let ops: SocketAddr = ([127, 0, 0, 1], rt_tests::nats::free_port()).into();
+    config.session.http_addr = ops.to_string();
+    let started = tokio::time::Instant::now();
+    let poll = async {
+        // Each distinct answer in order, with when it was first seen.
+        let mut answers: Vec<(String, Duration)> = Vec::new();
+        loop {
+            let answer = match rt_tests::http::request(ops, "GET", "/readyz", &[], b"").await {
+                Ok(res) => format!("{} {}", res.status, res.text().trim()),
+                Err(_) => "no answer".to_owned(),
+            };
+            let ready = answer.starts_with("200");
+            if answers.last().map(|(a, _)| a) != Some(&answer) {
+                answers.push((answer, started.elapsed()));
+            }
+            if ready {
+                // Straight away: everything warmed must be in KV already.
+                return (answers, in_kv().await);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "never ready: {answers:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let (instance, (answers, warmed_when_ready)) =
+        futures_util::future::join(rt_session::run(config), poll).await;
+    cluster
+        .sessions
+        .push(instance.expect("session service starts"));
+    let starting = answers
+        .iter()
+        .position(|(a, _)| a == "503 not ready: starting");
+    let ready = answers.iter().position(|(a, _)| a.starts_with("200"));
+    assert!(
+        matches!((starting, ready), (Some(s), Some(r)) if s < r),
+        "503 while starting, then 200: {answers:?}"
+    );
+    assert_eq!(
+        warmed_when_ready, SESSIONS,
+        "every warmed session was in KV by the first 200 ({answers:?})"
+    );
+    eprintln!("readiness while warming {SESSIONS} sessions: {answers:?}");
+
+    // A warmed session resumes through a gateway.
+    let args = json!({"token": tokens::token("warm7"), "session": ids[7]});
+    let (_, ok) = WsClient::connected_with(&cluster.ws_url(0), WsEncoding::Json, args).await;
+    assert_eq!(ok["resumed"], json!(true), "{ok}");
+    assert!(ok["subs"]["chat:warmed"].is_object(), "{ok}");
 }
