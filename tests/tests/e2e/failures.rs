@@ -1028,3 +1028,89 @@ async fn a_gateway_process_killed_with_sigkill_mid_stream_loses_no_acknowledged_
     )
     .await;
 }
+
+/// `rt-gateway` as its own process at `addr` with the cluster's `room`
+/// namespace (presence and join/leave) and its fast heartbeat, so its
+/// clients show up in presence like any gateway's.
+async fn presence_gateway_process(
+    cluster: &TestCluster,
+    addr: std::net::SocketAddr,
+) -> Option<ServiceProcess> {
+    let addr = addr.to_string();
+    let heartbeat = cluster.config.gateway.heartbeat_ms.to_string();
+    let node_ttl = cluster.config.session.node_ttl_ms.to_string();
+    let settings = [
+        ("RT_HTTP_ADDR", addr.as_str()),
+        ("RT_API_KEY", API_KEY),
+        ("RT_GATEWAY__WORKERS", "1"),
+        ("RT_GATEWAY__HEARTBEAT_MS", heartbeat.as_str()),
+        ("RT_SESSION__NODE_TTL_MS", node_ttl.as_str()),
+        ("RT_SESSION__JWT_LEEWAY_SECS", "0"),
+        ("RT_NAMESPACES__ROOM__PRESENCE", "true"),
+        ("RT_NAMESPACES__ROOM__JOIN_LEAVE", "true"),
+        ("RT_NAMESPACES__ROOM__ALLOW_ANONYMOUS", "false"),
+    ];
+    service_process(cluster, "rt-gateway", "gateway ready", &settings).await
+}
+
+/// Connects `user` (with a token) to `url` and subscribes to `channel`;
+/// returns the client and its id.
+async fn join_as(url: &str, user: &str, channel: &str) -> (WsClient, String) {
+    let args = json!({ "token": rt_tests::tokens::token(user) });
+    let (mut client, ok) = WsClient::connected_with(url, WsEncoding::Json, args).await;
+    let reply = client
+        .command("subscribe", json!({ "channel": channel }))
+        .await;
+    assert!(reply["ok"].is_object(), "{reply}");
+    (client, ok["client"].as_str().expect("client id").to_owned())
+}
+
+/// The next `kind` push (`join` or `leave`) about client `id`.
+async fn presence_push(client: &mut WsClient, kind: &str, id: &str) -> Value {
+    loop {
+        let push = client.next_push(kind).await;
+        if push["info"]["client"] == json!(id) {
+            return push;
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn a_gateway_process_killed_with_sigkill_has_its_clients_leave_presence_within_the_ttl() {
+    const ROOM: &str = "room:sigkill";
+    let cluster = TestCluster::start_with(1, history_namespace).await;
+    let addr = free_addr();
+    let Some(mut gateway) = presence_gateway_process(&cluster, addr).await else {
+        return;
+    };
+    let (mut watcher, watcher_id) = join_as(&cluster.ws_url(0), "wendy", ROOM).await;
+    let (_doomed, doomed_id) = join_as(&format!("ws://{addr}/ws"), "zed", ROOM).await;
+    presence_push(&mut watcher, "join", &doomed_id).await;
+    let listed = watcher
+        .command("presence", json!({ "channel": ROOM }))
+        .await;
+    assert!(
+        listed["ok"]["clients"][&doomed_id].is_object(),
+        "the other process's client is listed: {listed}"
+    );
+    // No goodbye, no socket close, no last heartbeat: the process is gone.
+    gateway.kill();
+    let died = tokio::time::Instant::now();
+    within(
+        "the killed gateway's client leaves",
+        Duration::from_secs(10),
+        presence_push(&mut watcher, "leave", &doomed_id),
+    )
+    .await;
+    let took = died.elapsed();
+    // node_ttl_ms is 1 s in tests and the reaper looks 4 times per TTL.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let listed = watcher
+        .command("presence", json!({ "channel": ROOM }))
+        .await;
+    let clients: HashSet<String> = listed["ok"]["clients"]
+        .as_object()
+        .map(|clients| clients.keys().cloned().collect())
+        .unwrap_or_default();
+    assert_eq!(clients, HashSet::from([watcher_id]), "{listed}");
+}
