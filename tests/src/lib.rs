@@ -7,6 +7,7 @@
 //! - [`tokens`]: JWTs signed with the cluster's test secret.
 //! - [`WsClient`]: a protocol client over tokio-tungstenite, both encodings.
 //! - [`http`]: a minimal HTTP/1.1 client for `/api/*` and ops endpoints.
+//! - [`presence`]: joining with a token, `join`/`leave` pushes, `/api/presence`.
 //! - [`process`]: the services' real binaries as child processes (`kill -9`).
 
 #![allow(
@@ -17,6 +18,7 @@
 pub mod cluster;
 pub mod http;
 pub mod nats;
+pub mod presence;
 pub mod process;
 pub mod tokens;
 pub mod ws_client;
@@ -27,6 +29,9 @@ pub use ws_client::{WsClient, WsEncoding};
 
 use std::future::Future;
 use std::time::Duration;
+
+/// How long one step of a test may take before it fails.
+pub const STEP: Duration = Duration::from_secs(10);
 
 /// Every await in a test runs under a deadline.
 pub async fn within<T>(what: &str, duration: Duration, fut: impl Future<Output = T>) -> T {

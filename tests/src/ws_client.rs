@@ -4,7 +4,6 @@
 //! so one test body can run over both encodings.
 
 use std::collections::VecDeque;
-use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
@@ -14,9 +13,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::within;
-
-const STEP: Duration = Duration::from_secs(10);
+use crate::{STEP, within};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WsEncoding {

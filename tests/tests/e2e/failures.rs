@@ -10,7 +10,7 @@
 //! to recover what they missed. Each ends with exactly the acknowledged
 //! publications, in order, once.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::*;
+use rt_tests::presence::{client_ids, joined, presence_push};
 use rt_tests::process::{self, ServiceProcess};
 
 /// A namespace whose history holds every publication of these tests.
@@ -1053,28 +1054,6 @@ async fn presence_gateway_process(
     service_process(cluster, "rt-gateway", "gateway ready", &settings).await
 }
 
-/// Connects `user` (with a token) to `url` and subscribes to `channel`;
-/// returns the client and its id.
-async fn join_as(url: &str, user: &str, channel: &str) -> (WsClient, String) {
-    let args = json!({ "token": rt_tests::tokens::token(user) });
-    let (mut client, ok) = WsClient::connected_with(url, WsEncoding::Json, args).await;
-    let reply = client
-        .command("subscribe", json!({ "channel": channel }))
-        .await;
-    assert!(reply["ok"].is_object(), "{reply}");
-    (client, ok["client"].as_str().expect("client id").to_owned())
-}
-
-/// The next `kind` push (`join` or `leave`) about client `id`.
-async fn presence_push(client: &mut WsClient, kind: &str, id: &str) -> Value {
-    loop {
-        let push = client.next_push(kind).await;
-        if push["info"]["client"] == json!(id) {
-            return push;
-        }
-    }
-}
-
 #[actix_rt::test]
 async fn a_gateway_process_killed_with_sigkill_has_its_clients_leave_presence_within_the_ttl() {
     const ROOM: &str = "room:sigkill";
@@ -1083,8 +1062,10 @@ async fn a_gateway_process_killed_with_sigkill_has_its_clients_leave_presence_wi
     let Some(mut gateway) = presence_gateway_process(&cluster, addr).await else {
         return;
     };
-    let (mut watcher, watcher_id) = join_as(&cluster.ws_url(0), "wendy", ROOM).await;
-    let (_doomed, doomed_id) = join_as(&format!("ws://{addr}/ws"), "zed", ROOM).await;
+    let (mut watcher, watcher_id) =
+        joined(&cluster.ws_url(0), WsEncoding::Json, "wendy", ROOM).await;
+    let (_doomed, doomed_id) =
+        joined(&format!("ws://{addr}/ws"), WsEncoding::Json, "zed", ROOM).await;
     presence_push(&mut watcher, "join", &doomed_id).await;
     let listed = watcher
         .command("presence", json!({ "channel": ROOM }))
@@ -1108,9 +1089,9 @@ async fn a_gateway_process_killed_with_sigkill_has_its_clients_leave_presence_wi
     let listed = watcher
         .command("presence", json!({ "channel": ROOM }))
         .await;
-    let clients: HashSet<String> = listed["ok"]["clients"]
-        .as_object()
-        .map(|clients| clients.keys().cloned().collect())
-        .unwrap_or_default();
-    assert_eq!(clients, HashSet::from([watcher_id]), "{listed}");
+    assert_eq!(
+        client_ids(&listed["ok"]["clients"]),
+        BTreeSet::from([watcher_id]),
+        "{listed}"
+    );
 }

@@ -25,4 +25,4 @@ use std::time::Duration;
 pub use rt_tests::cluster::API_KEY;
 pub use rt_tests::{TestCluster, WsClient, WsEncoding, eventually, within};
 
-pub const STEP: Duration = Duration::from_secs(10);
+pub use rt_tests::STEP;

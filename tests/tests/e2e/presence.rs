@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::*;
+use rt_tests::presence::{client_ids, joined, presence_over_http, presence_push};
 
 /// The client ids `presence` lists for `channel`, asked through `client`.
 async fn listed(client: &mut WsClient, channel: &str) -> BTreeSet<String> {
@@ -44,37 +45,19 @@ async fn presence_until(
     }
 }
 
-fn ids(reply: &Value) -> BTreeSet<String> {
-    reply["ok"]["clients"]
-        .as_object()
-        .map(|clients| clients.keys().cloned().collect())
-        .unwrap_or_default()
-}
-
-/// The next `kind` push about `client_id` (a subscriber also hears its own join).
-async fn next_presence(client: &mut WsClient, kind: &str, client_id: &str) -> Value {
-    loop {
-        let push = client.next_push(kind).await;
-        if push["info"]["client"] == json!(client_id) {
-            return push;
-        }
-    }
-}
-
+/// `user` on gateway `gateway` (JSON), subscribed to `channel`.
 async fn connect_and_join(
     cluster: &TestCluster,
     gateway: usize,
     user: &str,
     channel: &str,
 ) -> (WsClient, String) {
-    let args = json!({ "token": rt_tests::tokens::token(user) });
-    let (mut client, ok) =
-        WsClient::connected_with(&cluster.ws_url(gateway), WsEncoding::Json, args).await;
-    let reply = client
-        .command("subscribe", json!({ "channel": channel }))
-        .await;
-    assert!(reply["ok"].is_object(), "{reply}");
-    (client, ok["client"].as_str().expect("client id").to_owned())
+    joined(&cluster.ws_url(gateway), WsEncoding::Json, user, channel).await
+}
+
+/// The client ids of a `presence` reply.
+fn ids(reply: &Value) -> BTreeSet<String> {
+    client_ids(&reply["ok"]["clients"])
 }
 
 #[actix_rt::test]
@@ -88,7 +71,7 @@ async fn presence_lists_clients_of_every_gateway_and_join_leave_reach_all() {
         json!(a_id),
         "a subscriber hears its own join"
     );
-    let join = next_presence(&mut a, "join", &b_id).await;
+    let join = presence_push(&mut a, "join", &b_id).await;
     assert_eq!(join["channel"], json!("room:one"));
     assert_eq!(join["info"], json!({"user": "ben", "client": b_id}));
     let both: BTreeSet<String> = [a_id.clone(), b_id.clone()].into();
@@ -105,7 +88,7 @@ async fn presence_lists_clients_of_every_gateway_and_join_leave_reach_all() {
 
     b.command("unsubscribe", json!({"channel": "room:one"}))
         .await;
-    next_presence(&mut a, "leave", &b_id).await;
+    presence_push(&mut a, "leave", &b_id).await;
     let only_ann = BTreeSet::from([a_id.clone()]);
     presence_until(&mut a, "room:one", "only ann", |r| ids(r) == only_ann).await;
 
@@ -133,7 +116,7 @@ async fn a_gateway_that_dies_without_goodbye_leaves_presence_within_the_ttl() {
     let mut cluster = TestCluster::start_with(2, |_| {}).await;
     let (mut watcher, watcher_id) = connect_and_join(&cluster, 0, "wendy", "room:crash").await;
     let (_doomed, doomed_id) = connect_and_join(&cluster, 1, "zed", "room:crash").await;
-    next_presence(&mut watcher, "join", &doomed_id).await;
+    presence_push(&mut watcher, "join", &doomed_id).await;
     presence_until(&mut watcher, "room:crash", "both clients", |r| {
         ids(r).len() == 2
     })
@@ -145,7 +128,7 @@ async fn a_gateway_that_dies_without_goodbye_leaves_presence_within_the_ttl() {
     within(
         "the dead node's clients leave",
         Duration::from_secs(10),
-        next_presence(&mut watcher, "leave", &doomed_id),
+        presence_push(&mut watcher, "leave", &doomed_id),
     )
     .await;
     let took = died.elapsed();
@@ -155,26 +138,6 @@ async fn a_gateway_that_dies_without_goodbye_leaves_presence_within_the_ttl() {
         listed(&mut watcher, "room:crash").await,
         BTreeSet::from([watcher_id])
     );
-}
-
-/// The whole `/api/presence/{channel}` answer through gateway `gateway`.
-async fn presence_over_http(cluster: &TestCluster, gateway: usize, channel: &str) -> Value {
-    let res = rt_tests::http::get(
-        cluster.addr(gateway),
-        &format!("/api/presence/{channel}"),
-        &[("authorization", &format!("apikey {API_KEY}"))],
-    )
-    .await;
-    assert_eq!(res.status, 200, "{}", res.text());
-    res.json()
-}
-
-/// The client ids of an `/api/presence` answer.
-fn http_ids(answer: &Value) -> BTreeSet<String> {
-    answer["clients"]
-        .as_object()
-        .map(|clients| clients.keys().cloned().collect())
-        .unwrap_or_default()
 }
 
 /// Asks `/api/presence` through `gateway` until its answer satisfies `ok`.
@@ -187,7 +150,7 @@ async fn http_presence_until(
 ) -> Value {
     let deadline = tokio::time::Instant::now() + STEP;
     loop {
-        let answer = presence_over_http(cluster, gateway, channel).await;
+        let answer = presence_over_http(cluster.addr(gateway), channel).await;
         if ok(&answer) {
             return answer;
         }
@@ -214,7 +177,7 @@ async fn large_channels_answer_with_a_count_over_http_too() {
     let three: BTreeSet<String> = clients.iter().map(|(_, id)| id.clone()).collect();
     for gateway in 0..2 {
         http_presence_until(&cluster, gateway, ROOM, "the three clients", |answer| {
-            http_ids(answer) == three
+            client_ids(&answer["clients"]) == three
         })
         .await;
     }
@@ -241,7 +204,7 @@ async fn large_channels_answer_with_a_count_over_http_too() {
             gateway,
             ROOM,
             "the three clients again",
-            |answer| http_ids(answer) == three,
+            |answer| client_ids(&answer["clients"]) == three,
         )
         .await;
     }
@@ -344,7 +307,7 @@ async fn join_and_leave_storms_arrive_batched_and_complete() {
     })
     .await;
     let (mut watcher, watcher_id) = connect_and_join(&cluster, 0, "watcher", ROOM).await;
-    next_presence(&mut watcher, "join", &watcher_id).await;
+    presence_push(&mut watcher, "join", &watcher_id).await;
     let mut members = Vec::new();
     for i in 0..MEMBERS {
         let args = json!({ "token": rt_tests::tokens::token(&format!("storm{i}")) });

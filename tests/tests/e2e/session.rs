@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
+use rt_tests::presence::{self, presence_push};
 use rt_tests::tokens::{self, now_secs};
 use serde_json::{Value, json};
 
@@ -725,26 +726,7 @@ async fn joined(
     user: &str,
     channel: &str,
 ) -> (WsClient, String) {
-    let args = json!({ "token": tokens::token(user) });
-    let (mut client, ok) = WsClient::connected_with(&cluster.ws_url(gateway), encoding, args).await;
-    let reply = client
-        .command("subscribe", json!({ "channel": channel }))
-        .await;
-    assert!(reply["ok"].is_object(), "{reply}");
-    (client, ok["client"].as_str().expect("client id").to_owned())
-}
-
-/// The next `kind` (`join` or `leave`) push about client `id`.
-async fn presence_push(client: &mut WsClient, kind: &str, id: &str) -> Value {
-    within(&format!("{kind} of {id}"), STEP, async {
-        loop {
-            let push = client.next_push(kind).await;
-            if push["info"]["client"] == json!(id) {
-                return push;
-            }
-        }
-    })
-    .await
+    presence::joined(&cluster.ws_url(gateway), encoding, user, channel).await
 }
 
 /// Who is in `channel`, asked over WebSocket through `client` and over HTTP
@@ -755,23 +737,14 @@ async fn listed_both_ways(
     client: &mut WsClient,
     channel: &str,
 ) -> (BTreeSet<String>, BTreeSet<String>) {
-    let ids = |clients: &Value| -> BTreeSet<String> {
-        clients
-            .as_object()
-            .map(|c| c.keys().cloned().collect())
-            .unwrap_or_default()
-    };
     let reply = client
         .command("presence", json!({ "channel": channel }))
         .await;
-    let res = rt_tests::http::get(
-        cluster.addr(gateway),
-        &format!("/api/presence/{channel}"),
-        &[("authorization", &format!("apikey {API_KEY}"))],
+    let answer = presence::presence_over_http(cluster.addr(gateway), channel).await;
+    (
+        presence::client_ids(&reply["ok"]["clients"]),
+        presence::client_ids(&answer["clients"]),
     )
-    .await;
-    assert_eq!(res.status, 200, "{}", res.text());
-    (ids(&reply["ok"]["clients"]), ids(&res.json()["clients"]))
 }
 
 /// Waits until `presence` lists exactly `expected` through every gateway,
