@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use rt_shared::telemetry::now_ms;
 use serde_json::json;
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row};
@@ -77,7 +78,10 @@ async fn sessions_and_the_audit_reach_postgres_and_an_outage_only_delays_them() 
     .await;
     let db = PgPool::connect(&url).await.expect("test database");
 
-    let mut first = cluster.client_as(0, WsEncoding::Json, "pat").await;
+    let before_ms = now_ms();
+    let args = json!({ "token": rt_tests::tokens::token("pat") });
+    let (mut first, ok) =
+        WsClient::connected_with(&cluster.ws_url(0), WsEncoding::Json, args).await;
     first.close().await;
     eventually("connect and disconnect audited", STEP, || async {
         (count(
@@ -95,6 +99,40 @@ async fn sessions_and_the_audit_reach_postgres_and_an_outage_only_delays_them() 
         .expect("disconnect row")
         .get::<Option<i32>, _>(0);
     assert_eq!(code, Some(1000));
+    // Each row says who, on which node, in which session and when.
+    let rows = sqlx::query(
+        "SELECT event, client, session, node, at_ms FROM connections \
+         WHERE user_id = 'pat' ORDER BY at_ms, event",
+    )
+    .fetch_all(&db)
+    .await
+    .expect("audit rows");
+    let after_ms = now_ms();
+    for row in &rows {
+        let event: String = row.get(0);
+        assert_eq!(
+            row.get::<String, _>(1),
+            ok["client"].as_str().expect("client"),
+            "{event}"
+        );
+        assert_eq!(
+            row.get::<String, _>(2),
+            ok["session"].as_str().expect("session"),
+            "{event}"
+        );
+        assert_eq!(
+            row.get::<String, _>(3),
+            ok["node"].as_str().expect("node"),
+            "{event}"
+        );
+        let at_ms = u64::try_from(row.get::<i64, _>(4)).expect("a time after 1970");
+        assert!(
+            (before_ms..=after_ms).contains(&at_ms),
+            "{event} at {at_ms}"
+        );
+    }
+    let events: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+    assert_eq!(events, ["connect", "disconnect"]);
     assert_eq!(
         count(
             &db,
