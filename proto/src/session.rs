@@ -44,6 +44,11 @@ pub const PRESENCE_BUCKET: &str = "rt_presence";
 pub const SESSIONS_BUCKET: &str = "rt_sessions";
 /// KV bucket: live connections per user, per node ([`UserConnections`]).
 pub const USERS_BUCKET: &str = "rt_users";
+/// KV bucket: the shared record of revocations, one entry per revoked user
+/// (key [`user_key`], value a [`RevokeRequest`]: tokens of `user` issued at
+/// or before `before` are refused). Every session instance loads it before
+/// it is ready and watches it.
+pub const REVOCATIONS_BUCKET: &str = "rt_revocations";
 
 /// Gateway → session on [`AUTH`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

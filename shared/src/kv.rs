@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
-use rt_proto::session::{NODES_BUCKET, PRESENCE_BUCKET, SESSIONS_BUCKET, USERS_BUCKET};
+use rt_proto::session::{
+    NODES_BUCKET, PRESENCE_BUCKET, REVOCATIONS_BUCKET, SESSIONS_BUCKET, USERS_BUCKET,
+};
 
 use crate::bus::{Bus, BusError};
 
@@ -18,14 +20,6 @@ const RECORD_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// Heartbeats of nodes long gone disappear by themselves.
 const NODE_MAX_AGE: Duration = Duration::from_secs(3600);
 
-/// KV bucket: the shared record of revocations, one entry per revoked user
-/// (key [`rt_proto::session::user_key`], value a
-/// [`rt_proto::session::RevokeRequest`]: tokens of `user` issued at or
-/// before `before` are refused). Every session instance loads it before it
-/// is ready and watches it.
-// Beside the other bucket names in `rt_proto::session` is where it belongs;
-// it is here because this change could not touch the proto crate.
-pub const REVOCATIONS_BUCKET: &str = "rt_revocations";
 /// How long a revocation holds: for as long as a token it revokes can still
 /// be valid. Tokens without `exp` never expire, so by default neither does
 /// a revocation (one entry per user, so the bucket is bounded by the number

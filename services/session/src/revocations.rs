@@ -26,8 +26,8 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures_util::{StreamExt as _, TryStreamExt as _};
+use rt_proto::session::REVOCATIONS_BUCKET;
 use rt_proto::session::{self, RevokeRequest};
-use rt_shared::kv::REVOCATIONS_BUCKET;
 
 /// Compare-and-set attempts when recording a revocation.
 const CAS_ATTEMPTS: usize = 8;

@@ -86,7 +86,7 @@ async fn a_revocation_holds_on_instances_started_after_it_even_without_a_databas
     .await;
     assert_eq!(res.status, 200, "{}", res.text());
     // The shared record has it once the revoke is answered.
-    let entry = kv(&cluster, rt_shared::kv::REVOCATIONS_BUCKET)
+    let entry = kv(&cluster, rt_proto::session::REVOCATIONS_BUCKET)
         .await
         .get(rt_proto::session::user_key("rex"))
         .await
@@ -120,7 +120,7 @@ async fn a_revocation_made_on_one_instance_is_applied_by_a_running_one_from_kv()
     let mut cluster = TestCluster::start().await;
     // Written into the bucket directly, as an instance cut off from the
     // others' announcements would only see it: through the KV watch.
-    let revocations = kv(&cluster, rt_shared::kv::REVOCATIONS_BUCKET).await;
+    let revocations = kv(&cluster, rt_proto::session::REVOCATIONS_BUCKET).await;
     let value = rt_proto::internal::to_msgpack(&rt_proto::session::RevokeRequest {
         user: "rhea".into(),
         before: now_secs(),
