@@ -1057,7 +1057,7 @@ fn take_arrivals(
 ) {
     let mut run: Vec<Publication> = Vec::new();
     let mut origins: Vec<TraceContext> = Vec::new();
-    let fan_out = |run: &mut Vec<Publication>, origins: &mut Vec<TraceContext>| {
+    let flush_run = |run: &mut Vec<Publication>, origins: &mut Vec<TraceContext>| {
         let Some(first) = run.first() else { return };
         // One span per run, linked to each publication's trace.
         let span = tracing::info_span!(
@@ -1073,7 +1073,7 @@ fn take_arrivals(
     };
     for message in messages {
         if is_presence_event(&message) {
-            fan_out(&mut run, &mut origins);
+            flush_run(&mut run, &mut origins);
             match rt_proto::internal::from_msgpack::<PresenceChange>(&message.payload) {
                 Ok(change) => hub.fan_out_presence(channel, generation, &change),
                 Err(error) => {
@@ -1098,7 +1098,7 @@ fn take_arrivals(
             }
         }
     }
-    fan_out(&mut run, &mut origins);
+    flush_run(&mut run, &mut origins);
 }
 
 fn is_presence_event(message: &async_nats::Message) -> bool {
