@@ -80,9 +80,11 @@ impl SessionClient {
     }
 
     /// Reports connection events; fire and forget.
-    pub fn events(&self, events: &SessionEvents) -> Result<(), BusError> {
-        self.bus
-            .publish_msg(session::EVENTS.to_owned(), None, events)
+    /// Sends a batch of this node's session events; a session instance
+    /// acknowledges it on receipt. `BusError::NoResponders` from the reply
+    /// means no instance runs: the batch was not taken, send it again later.
+    pub fn events(&self, events: &SessionEvents) -> Result<Pending<Done>, BusError> {
+        self.send(session::EVENTS, events, None)
     }
 
     fn send<Req: serde::Serialize, T>(

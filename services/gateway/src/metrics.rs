@@ -40,6 +40,8 @@ pub struct GatewayMetrics {
     pub presence_dropped: Counter,
     pub presence_writes: Family<ResultLabel, Counter>,
     pub session_events_dropped: Counter,
+    /// Batches of session events kept because no session instance ran.
+    pub session_events_kept: Counter,
     pub kicked: Counter,
     pub token_expired: Counter,
     /// Publications a conflating connection skipped (a newer one of the same channel replaced them).
@@ -100,6 +102,7 @@ impl GatewayMetrics {
             presence_dropped: Counter::default(),
             presence_writes: Family::default(),
             session_events_dropped: Counter::default(),
+            session_events_kept: Counter::default(),
             kicked: Counter::default(),
             token_expired: Counter::default(),
             conflated: Counter::default(),
@@ -214,6 +217,11 @@ impl GatewayMetrics {
             "rt_gateway_session_events_dropped",
             "Session events (subscription lists, closes) dropped on overflow",
             m.session_events_dropped.clone(),
+        );
+        registry.register(
+            "rt_gateway_session_events_kept",
+            "Batches of session events kept for later because no session instance answered",
+            m.session_events_kept.clone(),
         );
         registry.register(
             "rt_gateway_kicked",

@@ -127,20 +127,14 @@ pub async fn start(app: Arc<AppState>) -> Result<NodeTasks, BusError> {
     })
 }
 
-async fn tick(app: Arc<AppState>, mut stop: oneshot::Receiver<Ending>) {
-    let config = &app.config.gateway;
-    let mut flush_every =
-        tokio::time::interval(Duration::from_millis(config.presence_batch_ms.max(1)));
-    flush_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut beat_every = tokio::time::interval(Duration::from_millis(config.heartbeat_ms));
-    beat_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let ending = loop {
-        tokio::select! {
-            ending = &mut stop => break ending.unwrap_or(Ending::Abrupt),
-            _ = flush_every.tick() => flush(&app).await,
-            _ = beat_every.tick() => beat(&app).await,
-        }
-    };
+async fn tick(app: Arc<AppState>, stop: oneshot::Receiver<Ending>) {
+    // Two tasks: a flush waiting for the session service's answer must not
+    // delay a heartbeat (a late one makes the node look dead).
+    let beats = actix_rt::spawn(beat_forever(app.clone()));
+    let flushes = actix_rt::spawn(flush_forever(app.clone()));
+    let ending = stop.await.unwrap_or(Ending::Abrupt);
+    beats.abort();
+    flushes.abort();
     if ending == Ending::Abrupt {
         return;
     }
@@ -152,6 +146,28 @@ async fn tick(app: Arc<AppState>, mut stop: oneshot::Receiver<Ending>) {
     }
 }
 
+async fn beat_forever(app: Arc<AppState>) {
+    let mut every = tokio::time::interval(Duration::from_millis(app.config.gateway.heartbeat_ms));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        beat(&app).await;
+    }
+}
+
+async fn flush_forever(app: Arc<AppState>) {
+    let mut every = tokio::time::interval(Duration::from_millis(
+        app.config.gateway.presence_batch_ms.max(1),
+    ));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        flush(&app).await;
+    }
+}
+
+/// Writes this node's presence changes and sends its session events, a
+/// batch at a time, each acknowledged by a session instance on receipt.
 async fn flush(app: &AppState) {
     if let Some(buckets) = app.buckets.get() {
         app.presence.flush(&app.bus, buckets, &app.metrics).await;
@@ -165,13 +181,41 @@ async fn flush(app: &AppState) {
             node: app.node.clone(),
             events,
         };
-        if let Err(error) = app.session.events(&batch) {
-            // The lane is full: try again next tick, in order.
-            if let Some(suppressed) = NODE_ERRORS.allow() {
-                tracing::warn!(%error, suppressed, "session events delayed");
+        let answer = match app.session.events(&batch) {
+            Ok(answer) => answer,
+            Err(error) => {
+                // The lane is full: try again next tick, in order.
+                if let Some(suppressed) = NODE_ERRORS.allow() {
+                    tracing::warn!(%error, suppressed, "session events delayed");
+                }
+                app.reporter.put_back(batch.events);
+                return;
             }
-            app.reporter.put_back(batch.events);
-            return;
+        };
+        match answer.wait().await {
+            Ok(_) => {}
+            Err(BusError::NoResponders) => {
+                // No session instance runs: nobody took the batch. Keep it,
+                // in order, until one is back, or the closes in it would
+                // never release their users' connection slots.
+                if let Some(suppressed) = NODE_ERRORS.allow() {
+                    tracing::warn!(
+                        suppressed,
+                        "no session instance: session events kept for later"
+                    );
+                }
+                app.metrics.session_events_kept.inc();
+                app.reporter.put_back(batch.events);
+                return;
+            }
+            Err(error) => {
+                // Sent, but no answer in time: an instance may have taken
+                // it, and one taken twice would release slots twice, so it
+                // is not sent again.
+                if let Some(suppressed) = NODE_ERRORS.allow() {
+                    tracing::warn!(%error, suppressed, "session events not acknowledged");
+                }
+            }
         }
     }
 }

@@ -129,6 +129,12 @@ async fn handle(core: &Core, message: NatsMessage) {
             finish(core, "revoke", reply, result);
         }
         session::EVENTS => {
+            // Acknowledged on receipt, before it is applied: the gateway
+            // keeps a batch only when no instance is there to take it (no
+            // responders), so it never sends one twice.
+            if let Some(reply) = reply {
+                answer(core, reply, Ok(Empty {}));
+            }
             if let Some(batch) = decode::<SessionEvents>(&message.payload) {
                 core.events(batch).await;
             }

@@ -169,6 +169,31 @@ async fn a_connection_count_that_cannot_be_checked_answers_113_instead_of_admitt
     cluster.client(0, WsEncoding::Json).await;
 }
 
+/// A connection that ends while no session instance runs still releases
+/// its user's slot once one is back: the gateway keeps the batch of events
+/// nobody answered and sends it again.
+#[actix_rt::test]
+async fn a_close_while_no_session_instance_runs_releases_the_slot_once_one_is_back() {
+    let mut cluster = TestCluster::start_with(1, |c| c.session.max_connections_per_user = 1).await;
+    let token = tokens::token("ursula");
+    let mut first = cluster.client_as(0, WsEncoding::Json, "ursula").await;
+    let (error, close) = refused_connect(&cluster, json!({ "token": token })).await;
+    assert_eq!((code(&error), close), (106, 4006), "the one slot is taken");
+    stop_sessions(&mut cluster).await;
+    first.close().await;
+    eventually("the close kept by the gateway", STEP, || async {
+        (metric(cluster.addr(0), "rt_gateway_session_events_kept_total").await > 0.0).then_some(())
+    })
+    .await;
+    cluster.add_session().await;
+    eventually("the slot released", STEP, || async {
+        let mut client = WsClient::open(&cluster.ws_url(0), WsEncoding::Json).await;
+        let reply = client.command("connect", json!({ "token": token })).await;
+        reply.get("ok").map(|_| ())
+    })
+    .await;
+}
+
 #[actix_rt::test]
 async fn a_token_inside_the_clock_leeway_connects_and_is_closed_when_the_leeway_ends() {
     let cluster = TestCluster::start_with(1, |c| c.session.jwt_leeway_secs = 3).await;
