@@ -7,6 +7,9 @@
 //!   encoding; every local subscriber gets a clone of the same bytes.
 //! - The registry is sharded by channel so one hot channel does not serialize
 //!   the node.
+//! - Publications that wait together in a channel's NATS subscription (the
+//!   node fell behind) go out as one run: each subscriber's share is queued
+//!   under one lock with one wake-up (see [`Outbound::push_pubs`]).
 //! - A subscriber whose `subscribe` is still being answered is *pending*: live
 //!   publications are buffered for it (bounded) and replayed after the reply,
 //!   skipping what the reply already covers, so the switch-over from recovery

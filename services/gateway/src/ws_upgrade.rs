@@ -11,7 +11,7 @@
 //! - reads allocate a chunk only once the socket is readable and hand it to
 //!   the actor's frame decoder, so an idle connection holds no read buffer;
 //! - the actor's output goes to the socket as it comes, up to
-//!   [`WRITE_QUEUE_LIMIT`] bytes queued while the client does not read; past
+//!   `WRITE_QUEUE_LIMIT` bytes queued while the client does not read; past
 //!   it the actor is not polled (backpressure), as the dispatcher did.
 //!
 //! Everything an upgrade request can be refused for is answered here, with
