@@ -175,14 +175,16 @@ fn nice_step(raw: f64) -> f64 {
     nice * mag
 }
 
-fn header(out: &mut String, title: &str) {
+/// The document's opening: an SVG `height` pixels tall on a white
+/// background, with `title` centred at `title_y`.
+fn header(out: &mut String, title: &str, height: f64, title_y: u32) {
     let _ = write!(
         out,
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
-         <svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" \
-         viewBox=\"0 0 {WIDTH} {HEIGHT}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect x=\"0\" y=\"0\" width=\"{WIDTH}\" height=\"{HEIGHT}\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"28\" text-anchor=\"middle\" font-size=\"15\" font-weight=\"bold\">{}</text>\n",
+         <svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" \
+         viewBox=\"0 0 {WIDTH} {height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect x=\"0\" y=\"0\" width=\"{WIDTH}\" height=\"{height}\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"{title_y}\" text-anchor=\"middle\" font-size=\"15\" font-weight=\"bold\">{}</text>\n",
         WIDTH / 2.0,
         escape(title)
     );
@@ -207,7 +209,7 @@ pub fn line_plot(plot: &Plot<'_>, series: &[Series]) -> String {
     let px = |v: f64| LEFT + xs.frac(v) * pw;
     let py = |v: f64| TOP + (1.0 - ys.frac(v)) * ph;
     let mut out = String::new();
-    header(&mut out, plot.title);
+    header(&mut out, plot.title, HEIGHT, 28);
     // Grid and ticks.
     out.push_str("<g class=\"grid\" stroke=\"#dddddd\" stroke-width=\"1\">\n");
     for t in ys.ticks() {
@@ -359,16 +361,10 @@ pub fn ratio_bars(title: &str, bars: &[Bar]) -> String {
         .max(1.0);
     let px = |f: f64| left + (f.log10() / extreme + 1.0) / 2.0 * pw;
     let mut out = String::new();
-    let _ = write!(
+    header(&mut out, title, height, 24);
+    let _ = writeln!(
         out,
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
-         <svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" \
-         viewBox=\"0 0 {WIDTH} {height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect x=\"0\" y=\"0\" width=\"{WIDTH}\" height=\"{height}\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"15\" font-weight=\"bold\">{}</text>\n\
-         <text x=\"{}\" y=\"44\" text-anchor=\"middle\" fill=\"#555555\">right of 1: ours better by that factor; left: Node better (log scale)</text>\n",
-        WIDTH / 2.0,
-        escape(title),
+        "<text x=\"{}\" y=\"44\" text-anchor=\"middle\" fill=\"#555555\">right of 1: ours better by that factor; left: Node better (log scale)</text>",
         WIDTH / 2.0
     );
     let bottom = top + row * bars.len().max(1) as f64;
