@@ -29,17 +29,31 @@ async fn presence_until(
     what: &str,
     ok: impl Fn(&Value) -> bool,
 ) -> Value {
+    let ask = async || {
+        client
+            .command("presence", json!({ "channel": channel }))
+            .await
+    };
+    ask_until("presence", what, ask, ok).await
+}
+
+/// Asks with `ask` every 20 ms until an answer satisfies `ok`; fails the
+/// test after [`STEP`] with `source`, `what` and the last answer.
+async fn ask_until(
+    source: &str,
+    what: &str,
+    mut ask: impl AsyncFnMut() -> Value,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = tokio::time::Instant::now() + STEP;
     loop {
-        let reply = client
-            .command("presence", json!({ "channel": channel }))
-            .await;
-        if ok(&reply) {
-            return reply;
+        let answer = ask().await;
+        if ok(&answer) {
+            return answer;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "presence never showed {what}; last: {reply}"
+            "{source} never showed {what}; last: {answer}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -148,18 +162,9 @@ async fn http_presence_until(
     what: &str,
     ok: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        let answer = presence_over_http(cluster.addr(gateway), channel).await;
-        if ok(&answer) {
-            return answer;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/api/presence through gateway {gateway} never showed {what}; last: {answer}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let source = format!("/api/presence through gateway {gateway}");
+    let ask = async || presence_over_http(cluster.addr(gateway), channel).await;
+    ask_until(&source, what, ask, ok).await
 }
 
 /// Over `presence_max_list` present clients, `GET /api/presence/{channel}`
