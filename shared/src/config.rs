@@ -193,7 +193,9 @@ pub struct GatewayConfig {
 pub struct BroadcastConfig {
     /// Health and metrics endpoint; port 0 picks a free port.
     pub http_addr: String,
-    /// Sequencer actors (channels are spread over them by hash); 0 means one per core.
+    /// Sequencer actors (channels are spread over them by hash); 0 means one
+    /// per core. One runs on the main thread beside the NATS connection (no
+    /// hand-off between threads per publication); more run a thread each.
     pub shards: usize,
     /// Largest `limit` a history query may ask for.
     pub history_max_limit: u32,
@@ -410,7 +412,7 @@ impl Default for BroadcastConfig {
     fn default() -> Self {
         Self {
             http_addr: "127.0.0.1:8081".into(),
-            shards: 0,
+            shards: 1,
             history_max_limit: 1_000,
             max_data_bytes: 64 * 1024,
             shard_mailbox: 16_384,

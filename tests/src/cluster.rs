@@ -38,7 +38,8 @@ pub fn test_config(nats_url: &str) -> Config {
     config.gateway.workers = 2;
     config.gateway.drain_timeout_ms = 2_000;
     config.broadcast.http_addr = "127.0.0.1:0".into();
-    config.broadcast.shards = 2;
+    // broadcast.shards stays at its default (one, on the main thread); the
+    // broadcast processes in failures.rs run two.
     config.compute.http_addr = "127.0.0.1:0".into();
     config.compute.workers = 2;
     // Cheap argon2 in tests; the benchmark uses the production cost.
