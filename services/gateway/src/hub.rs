@@ -212,9 +212,6 @@ pub struct Hub {
     metrics: GatewayMetrics,
     max_pending: usize,
     next_generation: AtomicU64,
-    /// The thread the NATS connection runs on: relays run there too, so a
-    /// delivery reaches its relay without waking another thread.
-    relays: actix_rt::ArbiterHandle,
 }
 
 fn position(publication: &Publication) -> StreamPosition {
@@ -240,7 +237,6 @@ fn advance(last: &mut Option<StreamPosition>, publication: &Publication) {
 }
 
 impl Hub {
-    /// Call on the thread where `bus` was connected: relays are started there.
     pub fn new(bus: Bus, metrics: GatewayMetrics, max_pending: usize) -> Arc<Self> {
         Arc::new(Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -249,7 +245,6 @@ impl Hub {
             metrics,
             max_pending,
             next_generation: AtomicU64::new(1),
-            relays: actix_rt::Arbiter::current(),
         })
     }
 
@@ -296,7 +291,7 @@ impl Hub {
                 let generation = self.next_id();
                 let (stop_tx, stop_rx) = oneshot::channel();
                 self.metrics.channels.inc();
-                self.relays.spawn(run_relay(
+                actix_rt::spawn(run_relay(
                     self.clone(),
                     channel.clone(),
                     generation,
