@@ -176,38 +176,28 @@ pub async fn run(config: Config) -> Result<BroadcastHandle, BroadcastError> {
 
     let mut arbiters = Vec::with_capacity(shard_count);
     let mut shards = Vec::with_capacity(shard_count);
-    if shard_count == 1 {
-        // One sequencer shares the main thread with the NATS connection: a
-        // publication is read, written, acknowledged and delivered without
-        // waking another thread.
-        shards.push(
-            Shard::new(
-                bus.clone(),
-                config.clone(),
-                metrics.clone(),
-                record.clone(),
-                ownership.clone(),
-                instance.clone(),
-            )
-            .start(),
+    for index in 0..shard_count {
+        let (bus, config, metrics, record, ownership, instance) = (
+            bus.clone(),
+            config.clone(),
+            metrics.clone(),
+            record.clone(),
+            ownership.clone(),
+            instance.clone(),
         );
-    } else {
-        for index in 0..shard_count {
+        let new_shard = move || Shard::new(bus, config, metrics, record, ownership, instance);
+        if shard_count == 1 {
+            // One sequencer shares the main thread with the NATS connection:
+            // a publication is read, written, acknowledged and delivered
+            // without waking another thread.
+            shards.push(new_shard().start());
+        } else {
             let arbiter = Arbiter::new();
-            let (bus, config, metrics, common, record, ownership, instance) = (
-                bus.clone(),
-                config.clone(),
-                metrics.clone(),
-                common.clone(),
-                record.clone(),
-                ownership.clone(),
-                instance.clone(),
-            );
-            let shard = Shard::start_in_arbiter(&arbiter.handle(), move |_| {
+            let common = common.clone();
+            shards.push(Shard::start_in_arbiter(&arbiter.handle(), move |_| {
                 lag::spawn_probe(format!("shard-{index}"), common, false);
-                Shard::new(bus, config, metrics, record, ownership, instance)
-            });
-            shards.push(shard);
+                new_shard()
+            }));
             arbiters.push(arbiter);
         }
     }
