@@ -4,7 +4,8 @@
 //!   per WebSocket; [`commands`] is what each client command does.
 //! - [`hub`] is the channel registry and local fan-out (one NATS subscription
 //!   per channel per node, each publication encoded once per encoding).
-//! - [`outbound`] is each connection's byte-bounded queue.
+//! - [`outbound`] is each connection's byte-bounded queue; [`direct`] lets
+//!   it write a frame for a quiet, idle connection straight to the socket.
 //! - [`identity`]: `connect` through the session service, token expiry and
 //!   `refresh`, private channels, presence; [`admission`]: the token bucket
 //!   on new connections.
@@ -20,6 +21,7 @@ pub mod admission;
 pub mod commands;
 pub mod connection;
 pub mod demo;
+pub mod direct;
 pub mod errors;
 pub mod http_api;
 pub mod hub;

@@ -31,6 +31,10 @@
 //! dropped and the connection closes with 4004 (slow consumer); the client
 //! reconnects and recovers from history. A conflating client therefore never
 //! costs more than the bound either.
+//!
+//! A frame pushed while the connection's output is idle (nothing queued here
+//! or in front of the socket) skips the queue: it is written to the socket
+//! at once ([`crate::direct`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -45,6 +49,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use rt_proto::CloseCode;
 use rt_shared::config::{GatewayConfig, SlowConsumerPolicy};
 
+use crate::direct::DirectSocket;
 use crate::metrics::{DirectionLabel, GatewayMetrics};
 
 /// One encoded message, in the connection's frame type.
@@ -139,6 +144,10 @@ pub struct QueueMetrics {
     pub conflated: Counter,
     pub switched_on: Counter,
     pub switched_off: Counter,
+    /// Frames written straight to the socket, and their payload bytes (the
+    /// actor counts the frames it writes).
+    pub messages_out: Counter,
+    pub bytes_out: Counter,
 }
 
 impl QueueMetrics {
@@ -154,6 +163,8 @@ impl QueueMetrics {
             conflated: metrics.conflated.clone(),
             switched_on: switches("on"),
             switched_off: switches("off"),
+            messages_out: metrics.messages_out.clone(),
+            bytes_out: metrics.bytes_out.clone(),
         }
     }
 }
@@ -229,6 +240,9 @@ struct Inner {
     auto_conflating: bool,
     state: State,
     waker: Option<Waker>,
+    /// The socket, for frames pushed while it is idle (none in unit tests
+    /// and once the connection ends).
+    socket: Option<DirectSocket>,
 }
 
 impl Inner {
@@ -267,6 +281,7 @@ impl Outbound {
                 auto_conflating: false,
                 state: State::Open,
                 waker: None,
+                socket: None,
             }),
             bounds: Bounds {
                 max_batch: bounds.max_batch.max(1),
@@ -274,6 +289,55 @@ impl Outbound {
             },
             metrics,
         })
+    }
+
+    /// Lets pushes write to the connection's socket while it is idle.
+    pub fn attach(&self, socket: DirectSocket) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.socket = Some(socket);
+        }
+    }
+
+    /// The pump wrote everything and the actor has nothing more: frames
+    /// pushed from now on may go straight to the socket.
+    pub fn writer_idle(&self) {
+        if let Ok(mut inner) = self.inner.lock()
+            && inner.items.is_empty()
+            && matches!(inner.state, State::Open)
+            && let Some(socket) = inner.socket.as_mut()
+        {
+            socket.set_idle();
+        }
+    }
+
+    /// The pump is about to run: frames are queued until it is idle again.
+    /// Returns what the socket did not take of a direct write; the pump
+    /// writes it before anything else.
+    pub fn writer_busy(&self) -> Option<Bytes> {
+        self.inner
+            .lock()
+            .ok()
+            .and_then(|mut inner| inner.socket.as_mut().and_then(DirectSocket::set_busy))
+    }
+
+    /// Writes `frame` to the socket if it is idle and nothing is queued.
+    fn write_now(&self, inner: &mut Inner, frame: &Frame) -> bool {
+        if !inner.items.is_empty() {
+            return false;
+        }
+        let Some(socket) = inner.socket.as_mut() else {
+            return false;
+        };
+        if !socket.write(frame) {
+            return false;
+        }
+        self.metrics.messages_out.inc();
+        self.metrics.bytes_out.inc_by(frame.len() as u64);
+        if !socket.is_idle() {
+            // A rest waits for the pump.
+            wake(inner);
+        }
+        true
     }
 
     /// Queues a reply or a push that is not a publication (never conflated).
@@ -316,6 +380,27 @@ impl Outbound {
         if policy == SlowConsumerPolicy::Auto {
             inner.has_auto = true;
         }
+        let mut frames = frames.into_iter().peekable();
+        // One frame to an idle socket goes at once; a run is queued, so the
+        // actor coalesces it into one frame (one write).
+        if inner.socket.as_ref().is_some_and(DirectSocket::is_idle)
+            && let Some(first) = frames.next()
+        {
+            if frames.peek().is_none() && self.write_now(&mut inner, &first) {
+                return Push::Queued;
+            }
+            return self.queue_pubs(inner, sub, policy, std::iter::once(first).chain(frames));
+        }
+        self.queue_pubs(inner, sub, policy, frames)
+    }
+
+    fn queue_pubs(
+        &self,
+        mut inner: std::sync::MutexGuard<'_, Inner>,
+        sub: u64,
+        policy: SlowConsumerPolicy,
+        frames: impl Iterator<Item = Frame>,
+    ) -> Push {
         // Bytes added to the gateway-wide gauge once, at the end (or before
         // an overflow discards the queue).
         let mut added: i64 = 0;
@@ -370,6 +455,11 @@ impl Outbound {
         };
         if !matches!(inner.state, State::Open) {
             return Push::Closed;
+        }
+        if let Item::Message(frame) = &item
+            && self.write_now(&mut inner, frame)
+        {
+            return Push::Queued;
         }
         let len = item.len();
         self.note_growth(&mut inner, len);
@@ -470,12 +560,14 @@ impl Outbound {
         }
     }
 
-    /// Drops everything queued and stops accepting (the actor is stopping).
+    /// Drops everything queued and stops accepting (the actor is stopping);
+    /// lets go of the socket.
     pub fn shut(&self) {
         if let Ok(mut inner) = self.inner.lock() {
             self.discard(&mut inner);
             inner.state = State::Done;
             inner.waker = None;
+            inner.socket = None;
         }
     }
 
@@ -614,6 +706,9 @@ mod tests {
     use super::*;
     use SlowConsumerPolicy::{Auto, Conflate, Disconnect};
     use futures_util::StreamExt as _;
+    use tokio::io::AsyncReadExt as _;
+    use tokio::net::tcp::OwnedWriteHalf;
+    use tokio::net::{TcpListener, TcpStream};
 
     fn bounds(limit: usize, max_batch: usize) -> Bounds {
         Bounds {
@@ -647,6 +742,65 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A queue attached to a real socket: the server's write half, the client's stream.
+    async fn attached(limit: usize) -> (Arc<Outbound>, std::sync::Weak<OwnedWriteHalf>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let (_, writer) = server.into_split();
+        writer.writable().await.expect("writable");
+        let writer = Arc::new(writer);
+        let q = queue(limit, 1);
+        q.attach(DirectSocket::new(writer.clone()));
+        (q, Arc::downgrade(&writer), client)
+    }
+
+    #[actix_rt::test]
+    async fn an_idle_quiet_socket_is_written_at_once_and_everything_else_is_queued() {
+        let (q, writer, mut client) = attached(1 << 20).await;
+        assert_eq!(q.push_pub(1, Disconnect, tagged(1, 3)), Push::Queued);
+        assert_eq!(q.queued_bytes(), 3, "queued until the pump says idle");
+        assert_eq!(drain(&q), vec![(1, 3)]);
+
+        q.writer_idle();
+        assert_eq!(q.push_pub(1, Disconnect, tagged(2, 3)), Push::Queued);
+        assert_eq!(q.queued_bytes(), 0, "written, not queued");
+        let mut got = [0u8; 5];
+        client.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, [0x82, 3, 2, 2, 2]);
+
+        tokio::time::sleep(crate::direct::HOT).await;
+        assert!(q.writer_busy().is_none());
+        q.writer_idle();
+        // A run is coalesced by the actor, not written frame by frame.
+        q.push_pubs(1, Disconnect, [tagged(3, 1), tagged(4, 1)]);
+        assert_eq!(drain(&q), vec![(3, 1), (4, 1)]);
+
+        // Nothing overtakes what is queued.
+        q.writer_idle();
+        q.push(tagged(5, 1));
+        assert_eq!(q.queued_bytes(), 0);
+        tokio::time::sleep(crate::direct::HOT).await;
+        q.push_lost("chat:a", 1, tagged(6, 1));
+        q.push(tagged(7, 1));
+        assert_eq!(q.queued_bytes(), 2, "behind the queued unsubscribed push");
+
+        q.shut();
+        assert!(writer.upgrade().is_none(), "the queue let go of the socket");
+    }
+
+    #[actix_rt::test]
+    async fn a_closing_queue_writes_nothing_directly() {
+        let (q, _writer, _client) = attached(1 << 20).await;
+        q.writer_idle();
+        q.close_after_drain(CloseCode::DRAINING, "draining");
+        assert_eq!(q.push(tagged(1, 1)), Push::Closed);
+        q.writer_idle();
+        assert!(q.writer_busy().is_none());
     }
 
     #[actix_rt::test]

@@ -40,10 +40,13 @@ use actix_web_actors::ws::WebsocketContext;
 use bytes::{Buf as _, Bytes, BytesMut};
 use futures_util::{SinkExt as _, Stream};
 use rt_proto::Encoding;
-use tokio::io::{AsyncWrite, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream as TokioTcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::connection::Connection;
+use crate::direct::DirectSocket;
+use crate::outbound::Outbound;
 use crate::state::AppState;
 
 /// The WebSocket endpoint's path.
@@ -64,7 +67,8 @@ const LINGER: Duration = Duration::from_secs(1);
 pub type Upgrade = (Request, Framed<TcpStream, h1::Codec>);
 
 /// Serves one upgrade request to its end: the handshake answer, then the
-/// connection. Errors are the socket's (the caller logs them at debug).
+/// connection, whose channels go through `hub` (its worker's). Errors are
+/// the socket's (the caller logs them at debug).
 pub async fn serve(app: Arc<AppState>, upgrade: Upgrade) -> io::Result<()> {
     // This future lives as long as the connection, and sized inline it would
     // be as large as its largest state, the handshake's (the request, the
@@ -108,11 +112,15 @@ async fn handshake(
     drop(parts.write_buf);
     let (reader, writer) = parts.io.into_split();
     let reader = Rc::new(reader);
+    let writer = Arc::new(writer);
+    let outbound = connection.outbound.clone();
+    outbound.attach(DirectSocket::new(writer.clone()));
     let codec = ws::Codec::new().max_size(app.config.gateway.max_message_size);
     let output = WebsocketContext::with_codec(connection, incoming(reader.clone(), early), codec);
     Ok(Some(Socket {
         pump: Pump {
             output: Box::pin(output),
+            outbound,
             writer,
             queued: VecDeque::new(),
             queued_bytes: 0,
@@ -130,12 +138,22 @@ where
         let Socket { mut pump, reader } = self;
         let result = poll_fn(|cx| pump.poll(cx)).await;
         let Pump {
-            output, mut writer, ..
+            output,
+            outbound,
+            writer,
+            ..
         } = pump;
         // The actor has stopped (its `stopped` ran); its input stream's
-        // handle on the socket goes with it.
+        // handle on the socket goes with it, and the queue lets go of the
+        // socket (the actor did so already unless the socket failed first).
         drop(output);
-        Box::pin(linger(&reader, &mut writer)).await;
+        outbound.shut();
+        drop(outbound);
+        match Arc::try_unwrap(writer) {
+            Ok(mut writer) => Box::pin(linger(&reader, &mut writer)).await,
+            // Not expected: the FIN goes when the last holder drops it.
+            Err(_) => tracing::debug!("socket still shared at close: no linger"),
+        }
         result
     }
 }
@@ -256,7 +274,10 @@ fn incoming(
 /// reads the client's frames) while less than [`WRITE_QUEUE_LIMIT`] is queued.
 struct Pump<S> {
     output: Pin<Box<S>>,
-    writer: OwnedWriteHalf,
+    /// The connection's queue, told when this pump is idle (see `crate::direct`).
+    outbound: Arc<Outbound>,
+    /// Shared with the queue's direct writes.
+    writer: Arc<OwnedWriteHalf>,
     /// Output not yet accepted by the socket, in order.
     queued: VecDeque<Bytes>,
     queued_bytes: usize,
@@ -269,11 +290,17 @@ where
     S: Stream<Item = Result<Bytes, actix_web::Error>>,
 {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Before the actor runs: what a direct write left goes first.
+        if let Some(rest) = self.outbound.writer_busy() {
+            self.queued_bytes += rest.len();
+            self.queued.push_front(rest);
+        }
+        let socket: &TokioTcpStream = (*self.writer).as_ref();
         loop {
             while let Some(front) = self.queued.front_mut() {
-                match Pin::new(&mut self.writer).poll_write(cx, front) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Poll::Ready(Ok(written)) => {
+                match socket.try_write(front) {
+                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Ok(written) => {
                         self.queued_bytes -= written;
                         if written == front.len() {
                             self.queued.pop_front();
@@ -281,9 +308,15 @@ where
                             front.advance(written);
                         }
                     }
-                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                    // The writer wakes this task when the socket takes more.
-                    Poll::Pending => break,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        match socket.poll_write_ready(cx) {
+                            Poll::Ready(Ok(())) => {}
+                            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                            // This task is woken when the socket takes more.
+                            Poll::Pending => break,
+                        }
+                    }
+                    Err(error) => return Poll::Ready(Err(error)),
                 }
             }
             if self.ended {
@@ -306,8 +339,13 @@ where
                     return Poll::Ready(Err(io::Error::other(error.to_string())));
                 }
                 Poll::Ready(None) => self.ended = true,
-                // Queued bytes, if any, wait on the writer's wakeup above.
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if self.queued.is_empty() {
+                        self.outbound.writer_idle();
+                    }
+                    // Queued bytes, if any, wait on the writer's wakeup above.
+                    return Poll::Pending;
+                }
             }
         }
     }
