@@ -10,6 +10,11 @@
 //! kernel's). So when the connection's output is *idle*, the queue writes
 //! the frame to the socket itself, header and payload in one `writev`.
 //!
+//! Only the connection's own worker thread writes directly (a fan-out on
+//! that thread, e.g. the channel's relay when it runs there): the frames of
+//! connections on other workers are queued and written by their own threads,
+//! so a large fan-out's writes still run on every core at once.
+//!
 //! Only a *quiet* socket is written to directly: one that got no direct
 //! write for [`HOT`]. A socket receiving a steady stream gets its frames
 //! queued as before, where the pump coalesces what accumulated into one
@@ -25,6 +30,7 @@
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -40,9 +46,15 @@ const FIN: u8 = 0x80;
 /// frames queued (and coalesced) instead.
 pub const HOT: Duration = Duration::from_millis(1);
 
+thread_local! {
+    static THIS_THREAD: ThreadId = std::thread::current().id();
+}
+
 /// A connection's socket as its queue sees it.
 pub struct DirectSocket {
     writer: Arc<OwnedWriteHalf>,
+    /// The thread serving the connection (that made this).
+    owner: ThreadId,
     /// Nothing is queued anywhere between the queue and the socket.
     idle: bool,
     /// The part of a direct write the socket did not take.
@@ -55,6 +67,7 @@ impl DirectSocket {
     pub fn new(writer: Arc<OwnedWriteHalf>) -> Self {
         Self {
             writer,
+            owner: THIS_THREAD.with(|id| *id),
             idle: false,
             rest: None,
             last_write: None,
@@ -81,10 +94,11 @@ impl DirectSocket {
     }
 
     /// Writes `frame` as one WebSocket frame if the socket is idle and
-    /// quiet. True when it went (possibly in part: the rest waits for the
-    /// pump, which the caller wakes); false when the caller must queue it.
+    /// quiet and this is the connection's thread. True when it went
+    /// (possibly in part: the rest waits for the pump, which the caller
+    /// wakes); false when the caller must queue it.
     pub fn write(&mut self, frame: &Frame) -> bool {
-        if !self.idle {
+        if !self.idle || THIS_THREAD.with(|id| *id) != self.owner {
             return false;
         }
         let now = Instant::now();
@@ -225,6 +239,22 @@ mod tests {
             decode(&got[6..]),
             Some(WsFrame::Text(Bytes::from("x".repeat(300))))
         );
+    }
+
+    #[actix_rt::test]
+    async fn another_thread_never_writes_directly() {
+        let (writer, _client) = pair().await;
+        let mut socket = DirectSocket::new(writer);
+        socket.set_idle();
+        let frame = Frame::Binary(Bytes::from_static(b"\x01"));
+        let (socket, wrote) = std::thread::spawn(move || {
+            let wrote = socket.write(&frame);
+            (socket, wrote)
+        })
+        .join()
+        .expect("thread");
+        assert!(!wrote, "queued for the connection's own thread");
+        assert!(socket.is_idle(), "still idle for its own thread");
     }
 
     #[actix_rt::test]

@@ -66,6 +66,13 @@ pub enum Scenario {
     /// with --rate 0): request latency, throughput, responses by status and code; with
     /// subscribers, publish-to-deliver latency and loss.
     HttpPublish(http_publish::Args),
+    /// Not a scenario: this machine's floor for a fan-out, with no server. Writer threads
+    /// write one small frame to each of N loopback sockets per round (open loop) while a
+    /// child process reads them all: the best publish-to-deliver any server could show here.
+    Floor(crate::floor::Args),
+    /// The reading side of `floor` (started by it).
+    #[command(hide = true)]
+    FloorSink(crate::floor::SinkArgs),
     /// Not a scenario: reads the JSON results of a comparison run (bench/compare/run:
     /// runs.json, machine.json and one report per run) and writes report.md and SVG plots.
     Report(compare::Args),

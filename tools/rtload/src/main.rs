@@ -6,7 +6,8 @@
 //! and HTTP publishers), [`subscriber`] (push consumer), [`calls`] (request/reply load:
 //! matching replies by id, outcomes by error code), [`stats`] (HDR histograms,
 //! counters), [`report`] (progress line, generator health, JSON) and [`sysinfo`] (CPU and
-//! descriptor limits of the generator itself).
+//! descriptor limits of the generator itself); [`floor`] measures the machine's own floor
+//! for a fan-out, with no server.
 
 mod calls;
 mod cli;
@@ -15,6 +16,7 @@ mod clock;
 mod collector;
 mod compare;
 mod error;
+mod floor;
 mod http;
 mod pacer;
 mod publish;
@@ -33,6 +35,12 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     sysinfo::set_server_pids(cli.server_pid.clone());
+    if let cli::Scenario::Floor(args) = &cli.scenario {
+        return floor::run(args).unwrap_or_else(|e| {
+            eprintln!("rtload floor: {e}");
+            ExitCode::FAILURE
+        });
+    }
     if let cli::Scenario::Report(args) = &cli.scenario {
         return match compare::run(args) {
             Ok(()) => ExitCode::SUCCESS,

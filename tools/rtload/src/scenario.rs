@@ -29,5 +29,7 @@ pub async fn run(scenario: Scenario) -> Result<ExitCode> {
         Scenario::Chat(args) => chat::run(args).await,
         Scenario::HttpPublish(args) => http_publish::run(args).await,
         Scenario::Report(args) => crate::compare::run(&args).map(|()| ExitCode::SUCCESS),
+        Scenario::Floor(args) => crate::floor::run(&args),
+        Scenario::FloorSink(args) => crate::floor::sink(args).await,
     }
 }

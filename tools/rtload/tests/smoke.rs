@@ -402,3 +402,37 @@ fn tempfile_dir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
+
+#[actix_rt::test]
+async fn floor_reads_every_frame_it_writes_and_reports_percentiles() {
+    let dir = tempfile_dir();
+    let report = dir.join("floor.json");
+    let args = [
+        "floor",
+        "--sockets",
+        "50",
+        "--writers",
+        "2",
+        "--rate",
+        "20",
+        "--duration",
+        "1s",
+        "--warmup",
+        "200ms",
+        "--json-out",
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .chain([report.display().to_string()])
+    .collect();
+    let floor = rtload(args, &report).await;
+    assert_eq!(floor["frames_read"], 50 * 20, "{floor}");
+    assert_eq!(floor["frames_expected"], floor["frames_read"], "{floor}");
+    assert_eq!(floor["socket_errors"], 0, "{floor}");
+    assert_eq!(floor["latency_ms"]["count"], 50 * 20, "{floor}");
+    assert_eq!(
+        floor["round_ms"]["count"],
+        2 * 20,
+        "one per writer per round: {floor}"
+    );
+}
