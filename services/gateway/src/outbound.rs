@@ -94,7 +94,8 @@ pub enum Outgoing {
 /// Result of queueing a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
-    /// Queued (for a publication: possibly in the place of an older one of its channel).
+    /// Queued (for a publication: possibly in the place of an older one of
+    /// its channel), or written to the idle socket at once.
     Queued,
     /// This push passed the bound: the queue was dropped and the connection is closing with 4004.
     Overflowed,
