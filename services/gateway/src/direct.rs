@@ -108,7 +108,6 @@ impl DirectSocket {
         {
             return false;
         }
-        self.last_write = Some(now);
         let (opcode, payload) = match frame {
             Frame::Binary(bytes) => (OPCODE_BINARY, &bytes[..]),
             Frame::Text(text) => (OPCODE_TEXT, &text.as_bytes()[..]),
@@ -130,6 +129,7 @@ impl DirectSocket {
                 return false;
             }
         };
+        self.last_write = Some(now);
         if written < header.len() + payload.len() {
             let mut rest = BytesMut::with_capacity(header.len() + payload.len() - written);
             if written < header.len() {
@@ -167,26 +167,28 @@ fn encode_header(opcode: u8, len: usize, buf: &mut [u8; 10]) -> usize {
     }
 }
 
+/// A loopback socket pair for tests: the server's write half, ready for
+/// direct writes, and the client's stream.
+#[cfg(test)]
+pub(crate) async fn socket_pair() -> (Arc<OwnedWriteHalf>, tokio::net::TcpStream) {
+    use tokio::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let client = TcpStream::connect(listener.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (server, _) = listener.accept().await.expect("accept");
+    let (_, writer) = server.into_split();
+    // Direct writes need the reactor to have seen the socket writable.
+    writer.writable().await.expect("writable");
+    (Arc::new(writer), client)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use actix_codec::Decoder as _;
     use actix_http::ws::{Codec, Frame as WsFrame};
     use tokio::io::AsyncReadExt as _;
-    use tokio::net::{TcpListener, TcpStream};
-
-    /// A socket pair: the server's write half, the client's stream.
-    async fn pair() -> (Arc<OwnedWriteHalf>, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let client = TcpStream::connect(listener.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let (server, _) = listener.accept().await.expect("accept");
-        let (_, writer) = server.into_split();
-        // Direct writes need the reactor to have seen the socket writable.
-        writer.writable().await.expect("writable");
-        (Arc::new(writer), client)
-    }
 
     /// Decodes one frame the way a client does (actix-http's client codec).
     fn decode(bytes: &[u8]) -> Option<WsFrame> {
@@ -215,7 +217,7 @@ mod tests {
 
     #[actix_rt::test]
     async fn an_idle_socket_gets_the_frame_at_once_and_a_busy_one_never() {
-        let (writer, mut client) = pair().await;
+        let (writer, mut client) = socket_pair().await;
         let mut socket = DirectSocket::new(writer);
         let frame = Frame::Binary(Bytes::from_static(b"\x81\xa1a\x01"));
         assert!(!socket.write(&frame), "not idle until the pump says so");
@@ -243,7 +245,7 @@ mod tests {
 
     #[actix_rt::test]
     async fn another_thread_never_writes_directly() {
-        let (writer, _client) = pair().await;
+        let (writer, _client) = socket_pair().await;
         let mut socket = DirectSocket::new(writer);
         socket.set_idle();
         let frame = Frame::Binary(Bytes::from_static(b"\x01"));
@@ -259,7 +261,7 @@ mod tests {
 
     #[actix_rt::test]
     async fn what_the_socket_does_not_take_is_kept_for_the_pump() {
-        let (writer, mut client) = pair().await;
+        let (writer, mut client) = socket_pair().await;
         let mut socket = DirectSocket::new(writer);
         // More than a loopback socket's buffers take while nobody reads.
         let payload = Bytes::from(vec![7u8; 32 << 20]);

@@ -708,8 +708,8 @@ mod tests {
     use SlowConsumerPolicy::{Auto, Conflate, Disconnect};
     use futures_util::StreamExt as _;
     use tokio::io::AsyncReadExt as _;
+    use tokio::net::TcpStream;
     use tokio::net::tcp::OwnedWriteHalf;
-    use tokio::net::{TcpListener, TcpStream};
 
     fn bounds(limit: usize, max_batch: usize) -> Bounds {
         Bounds {
@@ -747,14 +747,7 @@ mod tests {
 
     /// A queue attached to a real socket: the server's write half, the client's stream.
     async fn attached(limit: usize) -> (Arc<Outbound>, std::sync::Weak<OwnedWriteHalf>, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let client = TcpStream::connect(listener.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let (server, _) = listener.accept().await.expect("accept");
-        let (_, writer) = server.into_split();
-        writer.writable().await.expect("writable");
-        let writer = Arc::new(writer);
+        let (writer, client) = crate::direct::socket_pair().await;
         let q = queue(limit, 1);
         q.attach(DirectSocket::new(writer.clone()));
         (q, Arc::downgrade(&writer), client)

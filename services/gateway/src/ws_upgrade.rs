@@ -41,7 +41,6 @@ use bytes::{Buf as _, Bytes, BytesMut};
 use futures_util::{SinkExt as _, Stream};
 use rt_proto::Encoding;
 use tokio::io::AsyncWriteExt as _;
-use tokio::net::TcpStream as TokioTcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::connection::Connection;
@@ -67,8 +66,7 @@ const LINGER: Duration = Duration::from_secs(1);
 pub type Upgrade = (Request, Framed<TcpStream, h1::Codec>);
 
 /// Serves one upgrade request to its end: the handshake answer, then the
-/// connection, whose channels go through `hub` (its worker's). Errors are
-/// the socket's (the caller logs them at debug).
+/// connection. Errors are the socket's (the caller logs them at debug).
 pub async fn serve(app: Arc<AppState>, upgrade: Upgrade) -> io::Result<()> {
     // This future lives as long as the connection, and sized inline it would
     // be as large as its largest state, the handshake's (the request, the
@@ -295,7 +293,7 @@ where
             self.queued_bytes += rest.len();
             self.queued.push_front(rest);
         }
-        let socket: &TokioTcpStream = (*self.writer).as_ref();
+        let socket: &TcpStream = (*self.writer).as_ref();
         loop {
             while let Some(front) = self.queued.front_mut() {
                 match socket.try_write(front) {
