@@ -411,18 +411,25 @@ impl Connection {
         }
     }
 
-    /// The hub ended subscription `token` (its `unsubscribed` push is being
-    /// written): forget it, unless it was replaced meanwhile.
-    pub(crate) fn subscription_lost(&mut self, name: &str, token: u64, ctx: &mut Ctx) {
+    /// The hub ended subscription `token`: forget it, unless it was
+    /// replaced meanwhile. True when its `unsubscribed` push is to be
+    /// written: not when the client unsubscribed (or subscribed again)
+    /// before the push got here, which can happen when it was handed over
+    /// from another worker thread.
+    pub(crate) fn subscription_lost(&mut self, name: &str, token: u64, ctx: &mut Ctx) -> bool {
         if self
             .subscriptions
             .get(name)
-            .is_some_and(|s| s.token == token)
-            && let Some(slot) = self.subscriptions.remove(name)
+            .is_none_or(|s| s.token != token)
+        {
+            return false;
+        }
+        if let Some(slot) = self.subscriptions.remove(name)
             && slot.live
         {
             self.left(name, ctx);
         }
+        true
     }
 
     fn drop_subscription(&mut self, name: &str, token: u64) {

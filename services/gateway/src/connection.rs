@@ -325,8 +325,9 @@ impl StreamHandler<Outgoing> for Connection {
                 token,
                 frame,
             } => {
-                self.subscription_lost(&channel, token, ctx);
-                self.write(frame, ctx);
+                if self.subscription_lost(&channel, token, ctx) {
+                    self.write(frame, ctx);
+                }
             }
             Outgoing::Close(code, reason) => {
                 if code == CloseCode::SLOW_CONSUMER {

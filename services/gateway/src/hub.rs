@@ -10,6 +10,9 @@
 //! - Publications that wait together in a channel's NATS subscription (the
 //!   node fell behind) go out as one run: each subscriber's share is queued
 //!   under one lock with one wake-up (see [`Outbound::push_pubs`]).
+//! - The relay writes the subscribers of its own worker thread itself and
+//!   hands each other worker one batch per run with its connections' shares
+//!   (see [`crate::handoff`]), so every worker writes its own connections.
 //! - A subscriber whose `subscribe` is still being answered is *pending*: live
 //!   publications are buffered for it (bounded) and replayed after the reply,
 //!   skipping what the reply already covers, so the switch-over from recovery
@@ -33,7 +36,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::Duration;
 
 use bytestring::ByteString;
@@ -49,8 +52,9 @@ use rt_shared::trace_context::TraceContext;
 use rt_shared::{Bus, BusError};
 use tokio::sync::oneshot;
 
+use crate::handoff::{Deliveries, HandoffItem, Inbox, SubAlive};
 use crate::metrics::{GatewayMetrics, ReasonLabel};
-use crate::outbound::{Frame, Outbound, Push};
+use crate::outbound::{Frame, Outbound};
 
 const SHARDS: usize = 64;
 
@@ -124,6 +128,9 @@ enum SubState {
 
 struct LocalSub {
     outbound: Arc<Outbound>,
+    /// The worker serving the connection (pushes from elsewhere go through it).
+    worker: Arc<Inbox>,
+    alive: SubAlive,
     encoding: Encoding,
     /// The subscription's token on its connection.
     token: u64,
@@ -212,6 +219,8 @@ pub struct Hub {
     metrics: GatewayMetrics,
     max_pending: usize,
     next_generation: AtomicU64,
+    /// Every worker's inbox, to wait for room in.
+    inboxes: RwLock<Vec<Arc<Inbox>>>,
 }
 
 fn position(publication: &Publication) -> StreamPosition {
@@ -245,6 +254,7 @@ impl Hub {
             metrics,
             max_pending,
             next_generation: AtomicU64::new(1),
+            inboxes: RwLock::new(Vec::new()),
         })
     }
 
@@ -256,6 +266,32 @@ impl Hub {
 
     fn next_id(&self) -> u64 {
         self.next_generation.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The calling worker's inbox, remembered so relays can wait for room in it.
+    fn worker_inbox(&self) -> Arc<Inbox> {
+        let inbox = Inbox::current();
+        let known = self
+            .inboxes
+            .read()
+            .is_ok_and(|inboxes| inboxes.iter().any(|i| Arc::ptr_eq(i, &inbox)));
+        if !known && let Ok(mut inboxes) = self.inboxes.write() {
+            inboxes.retain(|i| !i.is_closed());
+            inboxes.push(inbox.clone());
+        }
+        inbox
+    }
+
+    /// Waits while some worker has more handed to it than it may hold.
+    async fn room_in_workers(&self) {
+        let full: Vec<Arc<Inbox>> = self
+            .inboxes
+            .read()
+            .map(|inboxes| inboxes.iter().filter(|i| i.is_full()).cloned().collect())
+            .unwrap_or_default();
+        for inbox in full {
+            inbox.room().await;
+        }
     }
 
     /// Whether this node already holds a subscription for `channel`.
@@ -284,6 +320,7 @@ impl Hub {
         policy: SlowConsumerPolicy,
     ) -> Result<oneshot::Receiver<()>, HubError> {
         let (ready_tx, ready_rx) = oneshot::channel();
+        let worker = self.worker_inbox();
         let mut shard = self.shard(channel.as_str()).ok_or(HubError::Gone)?;
         let entry = match shard.entry(channel.as_str().to_owned()) {
             Entry::Occupied(e) => e.into_mut(),
@@ -314,6 +351,8 @@ impl Hub {
             conn,
             LocalSub {
                 outbound,
+                worker,
+                alive: SubAlive::new(),
                 encoding,
                 token,
                 policy,
@@ -355,19 +394,40 @@ impl Hub {
         if entry.last.is_none() {
             entry.last = Some(position);
         }
-        if let Some(reply) = reply
-            && sub.outbound.push(reply) == Push::Overflowed
-        {
-            self.metrics.slow_consumers.inc();
-            return Ok(());
+        let mut deliveries = Deliveries::new(&self.metrics.slow_consumers);
+        if let Some(reply) = reply {
+            deliveries.push(
+                &sub.worker,
+                &sub.outbound,
+                &sub.alive,
+                HandoffItem::Message(reply),
+            );
         }
+        let mut frames = Vec::new();
         let mut lost = None;
         for publication in &buffered {
-            if let Err(why) = self.offer(sub, publication) {
-                lost = Some(why);
-                break;
+            match self.admit(sub, publication) {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => {}
+                Err(why) => {
+                    lost = Some(why);
+                    break;
+                }
             }
         }
+        if !frames.is_empty() {
+            deliveries.push(
+                &sub.worker,
+                &sub.outbound,
+                &sub.alive,
+                HandoffItem::Pubs {
+                    token: sub.token,
+                    policy: sub.policy,
+                    frames,
+                },
+            );
+        }
+        deliveries.send();
         if let Some(why) = lost {
             self.end(entry, channel.as_str(), conn, why);
             self.drop_if_empty(&mut shard, channel.as_str());
@@ -383,7 +443,10 @@ impl Hub {
         let Some(entry) = shard.get_mut(channel) else {
             return;
         };
-        if entry.subscribers.remove(&conn).is_some() {
+        if let Some(sub) = entry.subscribers.remove(&conn) {
+            // What was handed to its worker and not yet pushed is not
+            // pushed after the connection's own reply to this.
+            sub.alive.end();
             self.metrics.subscriptions.dec();
         }
         self.drop_if_empty(&mut shard, channel);
@@ -527,8 +590,9 @@ impl Hub {
             advance(&mut entry.last, &publication.publication);
         }
         let mut lost = Vec::new();
-        let mut frames = Vec::with_capacity(run.len());
+        let mut deliveries = Deliveries::new(&self.metrics.slow_consumers);
         for (conn, sub) in &mut entry.subscribers {
+            let mut frames = Vec::with_capacity(run.len());
             let mut why_lost = None;
             for publication in run {
                 match self.admit(sub, publication) {
@@ -540,33 +604,26 @@ impl Hub {
                     }
                 }
             }
-            if !frames.is_empty()
-                && sub
-                    .outbound
-                    .push_pubs(sub.token, sub.policy, frames.drain(..))
-                    == Push::Overflowed
-            {
-                self.metrics.slow_consumers.inc();
+            if !frames.is_empty() {
+                deliveries.push(
+                    &sub.worker,
+                    &sub.outbound,
+                    &sub.alive,
+                    HandoffItem::Pubs {
+                        token: sub.token,
+                        policy: sub.policy,
+                        frames,
+                    },
+                );
             }
-            frames.clear();
             if let Some(why) = why_lost {
                 lost.push((*conn, why));
             }
         }
+        deliveries.send();
         for (conn, why) in lost {
             self.end(entry, channel, conn, why);
         }
-    }
-
-    /// Queues `publication` to one subscriber if it is the next one for it
-    /// (a pending one buffers it); `Err` when the subscriber cannot follow.
-    fn offer(&self, sub: &mut LocalSub, publication: &Arc<EncodedPub>) -> Result<(), Lost> {
-        if let Some(frame) = self.admit(sub, publication)?
-            && sub.outbound.push_pub(sub.token, sub.policy, frame) == Push::Overflowed
-        {
-            self.metrics.slow_consumers.inc();
-        }
-        Ok(())
     }
 
     /// Moves a subscriber past `publication` if it is the next one for it:
@@ -616,9 +673,18 @@ impl Hub {
         let push =
             outbound::push_unsubscribed(channel, ErrorCode::UNRECOVERABLE_POSITION, why.reason());
         let frame = encode_frame(&push, sub.encoding);
-        if sub.outbound.push_lost(channel, sub.token, frame) == Push::Overflowed {
-            self.metrics.slow_consumers.inc();
-        }
+        let mut deliveries = Deliveries::new(&self.metrics.slow_consumers);
+        deliveries.push(
+            &sub.worker,
+            &sub.outbound,
+            &sub.alive,
+            HandoffItem::Lost {
+                channel: channel.to_owned(),
+                token: sub.token,
+                frame,
+            },
+        );
+        deliveries.send();
     }
 
     /// Ends every live subscription that may have missed publications after
@@ -970,6 +1036,7 @@ impl Hub {
             return;
         }
         let mut frames: [Option<Frame>; 2] = [None, None];
+        let mut deliveries = Deliveries::new(&self.metrics.slow_consumers);
         for sub in entry.subscribers.values_mut() {
             if !matches!(sub.state, SubState::Live { .. }) {
                 continue;
@@ -977,10 +1044,14 @@ impl Hub {
             let frame = frames[sub.encoding.index()]
                 .get_or_insert_with(|| encode_batch(&messages, sub.encoding))
                 .clone();
-            if sub.outbound.push(frame) == Push::Overflowed {
-                self.metrics.slow_consumers.inc();
-            }
+            deliveries.push(
+                &sub.worker,
+                &sub.outbound,
+                &sub.alive,
+                HandoffItem::Message(frame),
+            );
         }
+        deliveries.send();
     }
 }
 
@@ -1045,6 +1116,7 @@ async fn run_relay(
                 if ended {
                     break;
                 }
+                hub.room_in_workers().await;
             }
         }
     }
@@ -1362,5 +1434,82 @@ mod tests {
         assert_eq!(written(&q), vec!["lost 3"]);
         assert_eq!(repair_id(&hub, &channel), None);
         assert_eq!(metrics.gap_repairs_failed.get(), 1);
+    }
+
+    #[actix_rt::test]
+    async fn another_workers_subscriber_gets_its_publications_from_its_worker_and_none_after_it_unsubscribed()
+     {
+        use std::sync::mpsc;
+        let (hub, _) = hub().await;
+        let channel = ChannelName::parse("chat:a").expect("channel");
+        let (q_here, q_there) = (queue(), queue());
+        hub.add_pending(
+            &channel,
+            1,
+            q_here.clone(),
+            Encoding::MsgPack,
+            1,
+            SlowConsumerPolicy::Disconnect,
+        )
+        .expect("added");
+        hub.activate(&channel, 1, None, pos("e1", 0))
+            .expect("activated");
+        let (to_worker, steps) = mpsc::channel::<()>();
+        let (done, from_worker) = mpsc::channel::<()>();
+        let worker = {
+            let (hub, channel, q) = (hub.clone(), channel.clone(), q_there.clone());
+            std::thread::spawn(move || {
+                actix_rt::System::new().block_on(async move {
+                    let wait = || steps.recv_timeout(Duration::from_secs(10)).expect("step");
+                    hub.add_pending(
+                        &channel,
+                        2,
+                        q,
+                        Encoding::MsgPack,
+                        2,
+                        SlowConsumerPolicy::Disconnect,
+                    )
+                    .expect("added");
+                    hub.activate(&channel, 2, None, pos("e1", 0))
+                        .expect("activated");
+                    done.send(()).expect("main waits");
+                    // This worker is busy while the fan-out runs elsewhere.
+                    wait();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    done.send(()).expect("main waits");
+                    // An unsubscribe handled before the worker got to what
+                    // was handed to it.
+                    wait();
+                    hub.remove(channel.as_str(), 2);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    done.send(()).expect("main waits");
+                });
+            })
+        };
+        let wait = || {
+            from_worker
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the worker goes on")
+        };
+        wait();
+        let generation = generation(&hub, &channel);
+        hub.fan_out(&channel, generation, vec![publication("e1", 1)]);
+        hub.fan_out(&channel, generation, vec![publication("e1", 2)]);
+        // This thread's subscriber at once, the other's only by its worker.
+        assert_eq!(written(&q_here), vec!["1", "2"]);
+        assert!(written(&q_there).is_empty());
+        to_worker.send(()).expect("worker waits");
+        wait();
+        assert_eq!(written(&q_there), vec!["1", "2"]);
+
+        hub.fan_out(&channel, generation, vec![publication("e1", 3)]);
+        to_worker.send(()).expect("worker waits");
+        wait();
+        assert_eq!(written(&q_here), vec!["3"]);
+        assert!(
+            written(&q_there).is_empty(),
+            "nothing follows the unsubscribe"
+        );
+        worker.join().expect("worker ends");
     }
 }

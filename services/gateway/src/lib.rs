@@ -23,6 +23,7 @@ pub mod connection;
 pub mod demo;
 pub mod direct;
 pub mod errors;
+pub mod handoff;
 pub mod http_api;
 pub mod hub;
 pub mod identity;

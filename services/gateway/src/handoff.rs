@@ -1,0 +1,467 @@
+//! Deliveries handed to the worker thread that serves a connection.
+//!
+//! A channel has one NATS subscription per gateway, so its relay runs on one
+//! worker thread while its subscribers' connections are spread over all of
+//! them. Pushing to a connection of another worker queues the frame and wakes
+//! that connection's task from across threads: for a channel with thousands
+//! of subscribers, thousands of cross-thread wake-ups per publication, and
+//! every one of those connections' tasks polled just to write one frame.
+//!
+//! Instead the fan-out hands each other worker ONE batch per run: every push
+//! for that worker's connections, in order. The worker's *deliverer* task
+//! makes those pushes on the connection's own thread, where an idle socket is
+//! written at once (see [`crate::direct`]) and the connections' tasks are not
+//! woken at all; each worker writes its own connections, in parallel.
+//!
+//! Order per subscription is kept: every push the hub makes to a connection
+//! goes through its worker's inbox unless the caller runs on that worker and
+//! the inbox is empty (checked under the channel's lock, which every push for
+//! the channel holds). A subscription removed by its connection (an
+//! `unsubscribe`, on the connection's thread) skips what was handed off before
+//! the removal and not yet delivered, so nothing follows the `unsubscribe`
+//! reply; an `unsubscribed` push (the hub ended it) that reaches the
+//! connection after the client unsubscribed or subscribed again is not
+//! written (the connection checks its token).
+//!
+//! Bound: an inbox holds at most [`INBOX_LIMIT`] handoffs; past it, relays
+//! wait for room before taking more from NATS (whose own bound, and the hub's
+//! slow-consumer repair, apply from there). Nothing is dropped.
+
+use std::cell::RefCell;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::thread::ThreadId;
+
+use prometheus_client::metrics::counter::Counter;
+use rt_shared::config::SlowConsumerPolicy;
+use tokio::sync::Notify;
+
+use crate::outbound::{Frame, Outbound, Push};
+
+/// Handoffs an inbox holds before relays wait for room.
+pub const INBOX_LIMIT: usize = 65_536;
+
+thread_local! {
+    static CURRENT: RefCell<Option<Arc<Inbox>>> = const { RefCell::new(None) };
+}
+
+fn this_thread() -> ThreadId {
+    std::thread::current().id()
+}
+
+/// Whether a subscription still exists on its connection: cleared when the
+/// connection removes it, so what was handed off before is not delivered after.
+#[derive(Clone, Default)]
+pub struct SubAlive(Arc<AtomicBool>);
+
+impl SubAlive {
+    pub fn new() -> Self {
+        Self(Arc::new(AtomicBool::new(true)))
+    }
+
+    pub fn end(&self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+
+    fn is_alive(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One push for a connection of another worker.
+pub struct Handoff {
+    pub outbound: Arc<Outbound>,
+    pub alive: SubAlive,
+    pub item: HandoffItem,
+}
+
+pub enum HandoffItem {
+    /// Consecutive publications of subscription `token`.
+    Pubs {
+        token: u64,
+        policy: SlowConsumerPolicy,
+        frames: Vec<Frame>,
+    },
+    /// A push that is not a publication (presence).
+    Message(Frame),
+    /// The end of subscription `token`: delivered even though it ended.
+    Lost {
+        channel: String,
+        token: u64,
+        frame: Frame,
+    },
+}
+
+impl Handoff {
+    /// Makes the push; `Overflowed` when it closed the connection.
+    fn push(self) -> Push {
+        match self.item {
+            HandoffItem::Lost {
+                channel,
+                token,
+                frame,
+            } => self.outbound.push_lost(&channel, token, frame),
+            _ if !self.alive.is_alive() => Push::Closed,
+            HandoffItem::Pubs {
+                token,
+                policy,
+                frames,
+            } => self.outbound.push_pubs(token, policy, frames),
+            HandoffItem::Message(frame) => self.outbound.push(frame),
+        }
+    }
+}
+
+/// Handoffs for one worker, with the counter its overflows go to.
+pub struct Batch {
+    handoffs: Vec<Handoff>,
+    slow_consumers: Counter,
+}
+
+struct State {
+    batches: Vec<Batch>,
+    waker: Option<Waker>,
+    /// The deliverer is gone (its worker stopped): so are its connections.
+    closed: bool,
+}
+
+/// A worker thread's queue of handoffs, emptied by its deliverer task.
+pub struct Inbox {
+    owner: ThreadId,
+    state: Mutex<State>,
+    /// Handoffs queued (the bound counts these).
+    queued: AtomicUsize,
+    room: Notify,
+}
+
+impl Inbox {
+    /// This worker thread's inbox; the first call on a worker starts its
+    /// deliverer (so it must run inside the worker's runtime).
+    pub fn current() -> Arc<Inbox> {
+        CURRENT.with(|current| {
+            let mut current = current.borrow_mut();
+            match current.as_ref() {
+                Some(inbox) if !inbox.is_closed() => inbox.clone(),
+                _ => {
+                    let inbox = Arc::new(Inbox::new(this_thread()));
+                    actix_rt::spawn(deliver(inbox.clone()));
+                    *current = Some(inbox.clone());
+                    inbox
+                }
+            }
+        })
+    }
+
+    fn new(owner: ThreadId) -> Self {
+        Self {
+            owner,
+            state: Mutex::new(State {
+                batches: Vec::new(),
+                waker: None,
+                closed: false,
+            }),
+            queued: AtomicUsize::new(0),
+            room: Notify::new(),
+        }
+    }
+
+    /// Whether pushes for this worker's connections may be made right here,
+    /// at once: this is the worker, and nothing handed to it earlier waits.
+    /// Only meaningful under the lock of the channel being pushed for.
+    pub fn is_here_and_empty(&self) -> bool {
+        self.owner == this_thread() && self.queued.load(Ordering::Acquire) == 0
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().map_or(true, |state| state.closed)
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.queued.load(Ordering::Acquire) >= INBOX_LIMIT
+    }
+
+    /// Queues `handoffs` for the deliverer. Dropped when the worker is gone.
+    pub fn send(&self, handoffs: Vec<Handoff>, slow_consumers: Counter) {
+        if handoffs.is_empty() {
+            return;
+        }
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        if state.closed {
+            return;
+        }
+        self.queued.fetch_add(handoffs.len(), Ordering::AcqRel);
+        state.batches.push(Batch {
+            handoffs,
+            slow_consumers,
+        });
+        if let Some(waker) = state.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Waits while the inbox is over its bound.
+    pub async fn room(&self) {
+        loop {
+            let mut notified = pin!(self.room.notified());
+            notified.as_mut().enable();
+            if !self.is_full() || self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Vec<Batch>> {
+        let Ok(mut state) = self.state.lock() else {
+            return Poll::Ready(Vec::new());
+        };
+        if state.batches.is_empty() {
+            state.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        Poll::Ready(std::mem::take(&mut state.batches))
+    }
+
+    fn delivered(&self, count: usize) {
+        let before = self.queued.fetch_sub(count, Ordering::AcqRel);
+        if before >= INBOX_LIMIT && before - count < INBOX_LIMIT {
+            self.room.notify_waiters();
+        }
+    }
+
+    fn close(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.closed = true;
+            let dropped: usize = state.batches.drain(..).map(|b| b.handoffs.len()).sum();
+            self.queued.fetch_sub(dropped, Ordering::AcqRel);
+        }
+        self.room.notify_waiters();
+    }
+}
+
+/// Marks the inbox closed when the deliverer stops (its worker stopped).
+struct CloseOnDrop(Arc<Inbox>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// A worker's deliverer: makes the pushes handed to it, in order.
+async fn deliver(inbox: Arc<Inbox>) {
+    let inbox = CloseOnDrop(inbox);
+    loop {
+        let batches = std::future::poll_fn(|cx| inbox.0.poll_take(cx)).await;
+        if batches.is_empty() {
+            // The lock was poisoned: nothing can be delivered any more.
+            return;
+        }
+        for batch in batches {
+            let count = batch.handoffs.len();
+            for handoff in batch.handoffs {
+                if handoff.push() == Push::Overflowed {
+                    batch.slow_consumers.inc();
+                }
+            }
+            inbox.0.delivered(count);
+        }
+    }
+}
+
+/// Pushes to subscribers, collected and made by [`Deliveries::send`]: first
+/// each other worker gets its batch, so it starts writing its connections
+/// while this thread writes those it may push to itself.
+pub struct Deliveries {
+    here: Vec<Handoff>,
+    batches: Vec<(Arc<Inbox>, Vec<Handoff>)>,
+    slow_consumers: Counter,
+}
+
+impl Deliveries {
+    pub fn new(slow_consumers: &Counter) -> Self {
+        Self {
+            here: Vec::new(),
+            batches: Vec::new(),
+            slow_consumers: slow_consumers.clone(),
+        }
+    }
+
+    /// Pushes `item` to a subscriber served by `worker`.
+    pub fn push(
+        &mut self,
+        worker: &Arc<Inbox>,
+        outbound: &Arc<Outbound>,
+        alive: &SubAlive,
+        item: HandoffItem,
+    ) {
+        let handoff = Handoff {
+            outbound: outbound.clone(),
+            alive: alive.clone(),
+            item,
+        };
+        if worker.is_here_and_empty() {
+            self.here.push(handoff);
+            return;
+        }
+        match self
+            .batches
+            .iter_mut()
+            .find(|(inbox, _)| Arc::ptr_eq(inbox, worker))
+        {
+            Some((_, handoffs)) => handoffs.push(handoff),
+            None => self.batches.push((worker.clone(), vec![handoff])),
+        }
+    }
+
+    /// Hands each other worker its batch, then makes this thread's pushes.
+    /// Must be called under the lock of the channel the pushes are for
+    /// (dropping does it too).
+    pub fn send(mut self) {
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        for (inbox, handoffs) in self.batches.drain(..) {
+            inbox.send(handoffs, self.slow_consumers.clone());
+        }
+        for handoff in self.here.drain(..) {
+            if handoff.push() == Push::Overflowed {
+                self.slow_consumers.inc();
+            }
+        }
+    }
+}
+
+impl Drop for Deliveries {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::{Bounds, QueueMetrics};
+    use bytes::Bytes;
+
+    fn queue() -> Arc<Outbound> {
+        Outbound::new(
+            Bounds {
+                limit: 1 << 20,
+                max_batch: 1,
+                auto_on: 1 << 19,
+                auto_off: 1 << 17,
+            },
+            QueueMetrics::default(),
+        )
+    }
+
+    fn message(q: &Arc<Outbound>) -> Handoff {
+        Handoff {
+            outbound: q.clone(),
+            alive: SubAlive::new(),
+            item: HandoffItem::Message(Frame::Binary(Bytes::from_static(b"x"))),
+        }
+    }
+
+    fn poll_once(future: std::pin::Pin<&mut impl std::future::Future<Output = ()>>) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        future.poll(&mut cx).is_ready()
+    }
+
+    #[test]
+    fn relays_wait_for_room_while_an_inbox_is_over_its_bound() {
+        let inbox = Inbox::new(this_thread());
+        let q = queue();
+        inbox.send(
+            (0..INBOX_LIMIT - 1).map(|_| message(&q)).collect(),
+            Counter::default(),
+        );
+        assert!(poll_once(pin!(inbox.room())), "room below the bound");
+        inbox.send(vec![message(&q)], Counter::default());
+        let mut waiting = pin!(inbox.room());
+        assert!(!poll_once(waiting.as_mut()), "full");
+        // The deliverer takes and pushes everything.
+        let mut cx = Context::from_waker(Waker::noop());
+        let Poll::Ready(batches) = inbox.poll_take(&mut cx) else {
+            panic!("batches wait");
+        };
+        let count: usize = batches.iter().map(|b| b.handoffs.len()).sum();
+        assert_eq!(count, INBOX_LIMIT);
+        inbox.delivered(count);
+        assert!(poll_once(waiting), "room again");
+    }
+
+    #[test]
+    fn a_closed_inbox_takes_nothing_and_never_makes_anyone_wait() {
+        let inbox = Inbox::new(this_thread());
+        let q = queue();
+        inbox.send(
+            (0..INBOX_LIMIT).map(|_| message(&q)).collect(),
+            Counter::default(),
+        );
+        inbox.close();
+        assert!(poll_once(pin!(inbox.room())));
+        inbox.send(vec![message(&q)], Counter::default());
+        assert!(!inbox.is_full());
+        assert_eq!(q.queued_bytes(), 0, "nothing was pushed");
+    }
+
+    #[test]
+    fn an_ended_subscription_gets_its_lost_push_but_no_publications() {
+        let q = queue();
+        let alive = SubAlive::new();
+        let frame = || Frame::Binary(Bytes::from_static(b"pub"));
+        let handoff = |item| Handoff {
+            outbound: q.clone(),
+            alive: alive.clone(),
+            item,
+        };
+        alive.end();
+        let pubs = HandoffItem::Pubs {
+            token: 1,
+            policy: SlowConsumerPolicy::Disconnect,
+            frames: vec![frame()],
+        };
+        assert_eq!(handoff(pubs).push(), Push::Closed);
+        assert_eq!(handoff(HandoffItem::Message(frame())).push(), Push::Closed);
+        let lost = HandoffItem::Lost {
+            channel: "chat:a".into(),
+            token: 1,
+            frame: frame(),
+        };
+        assert_eq!(handoff(lost).push(), Push::Queued);
+        assert_eq!(q.queued_bytes(), 3);
+    }
+
+    #[test]
+    fn pushes_are_made_at_once_only_on_the_owner_thread_with_nothing_waiting() {
+        let here = Arc::new(Inbox::new(this_thread()));
+        let elsewhere = Arc::new(Inbox::new(
+            std::thread::spawn(this_thread).join().expect("thread"),
+        ));
+        let q = queue();
+        let alive = SubAlive::new();
+        let frame = || HandoffItem::Message(Frame::Binary(Bytes::from_static(b"m")));
+        let mut deliveries = Deliveries::new(&Counter::default());
+        deliveries.push(&here, &q, &alive, frame());
+        deliveries.push(&elsewhere, &q, &alive, frame());
+        deliveries.push(&elsewhere, &q, &alive, frame());
+        assert_eq!(q.queued_bytes(), 0, "collected first");
+        deliveries.send();
+        assert_eq!(q.queued_bytes(), 1, "pushed here, the rest handed over");
+        assert_eq!(elsewhere.queued.load(Ordering::Relaxed), 2);
+        // With something waiting here, later pushes wait behind it.
+        here.send(vec![message(&q)], Counter::default());
+        let mut deliveries = Deliveries::new(&Counter::default());
+        deliveries.push(&here, &q, &alive, frame());
+        drop(deliveries);
+        assert_eq!(q.queued_bytes(), 1);
+        assert_eq!(here.queued.load(Ordering::Relaxed), 2);
+    }
+}
