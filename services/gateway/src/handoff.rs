@@ -53,8 +53,15 @@ fn this_thread() -> ThreadId {
 
 /// Whether a subscription still exists on its connection: cleared when the
 /// connection removes it, so what was handed off before is not delivered after.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct SubAlive(Arc<AtomicBool>);
+
+impl Default for SubAlive {
+    /// A subscription that exists.
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl SubAlive {
     pub fn new() -> Self {
