@@ -50,6 +50,12 @@ thread_local! {
     static THIS_THREAD: ThreadId = std::thread::current().id();
 }
 
+/// The calling thread's id, without `std::thread::current()`'s handle clone
+/// (this runs once per delivery).
+pub fn this_thread() -> ThreadId {
+    THIS_THREAD.with(|id| *id)
+}
+
 /// A connection's socket as its queue sees it.
 pub struct DirectSocket {
     writer: Arc<OwnedWriteHalf>,
@@ -67,7 +73,7 @@ impl DirectSocket {
     pub fn new(writer: Arc<OwnedWriteHalf>) -> Self {
         Self {
             writer,
-            owner: THIS_THREAD.with(|id| *id),
+            owner: this_thread(),
             idle: false,
             rest: None,
             last_write: None,
@@ -98,7 +104,7 @@ impl DirectSocket {
     /// (possibly in part: the rest waits for the pump, which the caller
     /// wakes); false when the caller must queue it.
     pub fn write(&mut self, frame: &Frame) -> bool {
-        if !self.idle || THIS_THREAD.with(|id| *id) != self.owner {
+        if !self.idle || this_thread() != self.owner {
             return false;
         }
         let now = Instant::now();

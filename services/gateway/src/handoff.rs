@@ -38,6 +38,7 @@ use prometheus_client::metrics::counter::Counter;
 use rt_shared::config::SlowConsumerPolicy;
 use tokio::sync::Notify;
 
+use crate::direct::this_thread;
 use crate::outbound::{Frame, Outbound, Push};
 
 /// Handoffs an inbox holds before relays wait for room.
@@ -45,10 +46,6 @@ pub const INBOX_LIMIT: usize = 65_536;
 
 thread_local! {
     static CURRENT: RefCell<Option<Arc<Inbox>>> = const { RefCell::new(None) };
-}
-
-fn this_thread() -> ThreadId {
-    std::thread::current().id()
 }
 
 /// Whether a subscription still exists on its connection: cleared when the
@@ -353,20 +350,8 @@ impl Drop for Deliveries {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbound::{Bounds, QueueMetrics};
+    use crate::outbound::test_queue as queue;
     use bytes::Bytes;
-
-    fn queue() -> Arc<Outbound> {
-        Outbound::new(
-            Bounds {
-                limit: 1 << 20,
-                max_batch: 1,
-                auto_on: 1 << 19,
-                auto_off: 1 << 17,
-            },
-            QueueMetrics::default(),
-        )
-    }
 
     fn message(q: &Arc<Outbound>) -> Handoff {
         Handoff {

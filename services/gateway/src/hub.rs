@@ -403,30 +403,7 @@ impl Hub {
                 HandoffItem::Message(reply),
             );
         }
-        let mut frames = Vec::new();
-        let mut lost = None;
-        for publication in &buffered {
-            match self.admit(sub, publication) {
-                Ok(Some(frame)) => frames.push(frame),
-                Ok(None) => {}
-                Err(why) => {
-                    lost = Some(why);
-                    break;
-                }
-            }
-        }
-        if !frames.is_empty() {
-            deliveries.push(
-                &sub.worker,
-                &sub.outbound,
-                &sub.alive,
-                HandoffItem::Pubs {
-                    token: sub.token,
-                    policy: sub.policy,
-                    frames,
-                },
-            );
-        }
+        let lost = self.offer_run(sub, &buffered, &mut deliveries);
         deliveries.send();
         if let Some(why) = lost {
             self.end(entry, channel.as_str(), conn, why);
@@ -592,31 +569,7 @@ impl Hub {
         let mut lost = Vec::new();
         let mut deliveries = Deliveries::new(&self.metrics.slow_consumers);
         for (conn, sub) in &mut entry.subscribers {
-            let mut frames = Vec::with_capacity(run.len());
-            let mut why_lost = None;
-            for publication in run {
-                match self.admit(sub, publication) {
-                    Ok(Some(frame)) => frames.push(frame),
-                    Ok(None) => {}
-                    Err(why) => {
-                        why_lost = Some(why);
-                        break;
-                    }
-                }
-            }
-            if !frames.is_empty() {
-                deliveries.push(
-                    &sub.worker,
-                    &sub.outbound,
-                    &sub.alive,
-                    HandoffItem::Pubs {
-                        token: sub.token,
-                        policy: sub.policy,
-                        frames,
-                    },
-                );
-            }
-            if let Some(why) = why_lost {
+            if let Some(why) = self.offer_run(sub, run, &mut deliveries) {
                 lost.push((*conn, why));
             }
         }
@@ -624,6 +577,41 @@ impl Hub {
         for (conn, why) in lost {
             self.end(entry, channel, conn, why);
         }
+    }
+
+    /// Adds to `deliveries` the publications of `run` a subscriber takes
+    /// (see [`Hub::admit`]), as one push; why it cannot follow past them, if so.
+    fn offer_run(
+        &self,
+        sub: &mut LocalSub,
+        run: &[Arc<EncodedPub>],
+        deliveries: &mut Deliveries,
+    ) -> Option<Lost> {
+        let mut frames = Vec::with_capacity(run.len());
+        let mut lost = None;
+        for publication in run {
+            match self.admit(sub, publication) {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => {}
+                Err(why) => {
+                    lost = Some(why);
+                    break;
+                }
+            }
+        }
+        if !frames.is_empty() {
+            deliveries.push(
+                &sub.worker,
+                &sub.outbound,
+                &sub.alive,
+                HandoffItem::Pubs {
+                    token: sub.token,
+                    policy: sub.policy,
+                    frames,
+                },
+            );
+        }
+        lost
     }
 
     /// Moves a subscriber past `publication` if it is the next one for it:
@@ -1187,7 +1175,7 @@ fn is_presence_event(message: &async_nats::Message) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbound::{Bounds, OutboundStream, Outgoing, QueueMetrics};
+    use crate::outbound::{OutboundStream, Outgoing, test_queue as queue};
     use rt_shared::config::NatsConfig;
     use rt_shared::health::Health;
     use rt_shared::metrics::{CommonMetrics, MetricsRegistry};
@@ -1210,18 +1198,6 @@ mod tests {
         .expect("connects in the background");
         let metrics = GatewayMetrics::new(&registry);
         (Hub::new(bus, metrics.clone(), 100), metrics)
-    }
-
-    fn queue() -> Arc<Outbound> {
-        Outbound::new(
-            Bounds {
-                limit: 1 << 20,
-                max_batch: 1,
-                auto_on: 1 << 19,
-                auto_off: 1 << 17,
-            },
-            QueueMetrics::default(),
-        )
     }
 
     fn publication(epoch: &str, offset: u64) -> Publication {

@@ -702,6 +702,20 @@ impl Stream for OutboundStream {
     }
 }
 
+/// A queue of 1 MiB that writes one message per frame, for other modules' tests.
+#[cfg(test)]
+pub(crate) fn test_queue() -> Arc<Outbound> {
+    Outbound::new(
+        Bounds {
+            limit: 1 << 20,
+            max_batch: 1,
+            auto_on: 1 << 19,
+            auto_off: 1 << 17,
+        },
+        QueueMetrics::default(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
