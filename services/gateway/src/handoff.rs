@@ -23,16 +23,34 @@
 //! connection after the client unsubscribed or subscribed again is not
 //! written (the connection checks its token).
 //!
+//! A worker's event loop is never held by one fan-out for long: the
+//! deliverer yields to the worker's other tasks (pings, replies, other
+//! channels, new connections) after each [`SLICE`] of pushes, and a fan-out
+//! pushes at once on its own thread only up to [`AT_ONCE_LIMIT`] pushes,
+//! handing a larger share to its own worker's deliverer like any other
+//! worker's. Without that, one publication to 5,000 local subscribers held
+//! the thread for the ~75 ms of its writes, and every other connection on
+//! it waited that long for anything.
+//!
+//! Pace: a relay takes its next arrivals only once every worker has made
+//! the pushes its channel handed to it before the latest run ([`Handed`]):
+//! the workers write one run while the relay prepares the next, and under
+//! load what piles up in the channel's subscription meanwhile goes out as
+//! one run (one push per subscriber carrying several publications, written
+//! as one frame) rather than one handoff per publication to a worker that
+//! only falls further behind.
+//!
 //! Bound: an inbox holds at most [`INBOX_LIMIT`] handoffs; past it, relays
 //! wait for room before taking more from NATS (whose own bound, and the hub's
 //! slow-consumer repair, apply from there). Nothing is dropped.
 
 use std::cell::RefCell;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::thread::ThreadId;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use rt_shared::config::SlowConsumerPolicy;
@@ -43,6 +61,17 @@ use crate::outbound::{Frame, Outbound, Push};
 
 /// Handoffs an inbox holds before relays wait for room.
 pub const INBOX_LIMIT: usize = 65_536;
+
+/// How long a deliverer pushes before it lets the worker's other tasks run
+/// (about 60 direct writes of a small frame on loopback).
+pub const SLICE: Duration = Duration::from_millis(1);
+
+/// Pushes a fan-out makes at once on its own thread; past this, that share
+/// goes through the thread's deliverer, which takes turns with the rest.
+pub const AT_ONCE_LIMIT: usize = 64;
+
+/// Pushes between two looks at the clock in a deliverer's slice.
+const PUSHES_PER_CLOCK_CHECK: usize = 16;
 
 thread_local! {
     static CURRENT: RefCell<Option<Arc<Inbox>>> = const { RefCell::new(None) };
@@ -138,6 +167,11 @@ pub struct Inbox {
     /// Handoffs queued (the bound counts these).
     queued: AtomicUsize,
     room: Notify,
+    /// Handoffs ever sent, and ever made (or dropped with a closed inbox):
+    /// a sender's ticket is `sent` after its handoffs, made once `done` reaches it.
+    sent: AtomicU64,
+    done: AtomicU64,
+    progress: Notify,
 }
 
 impl Inbox {
@@ -168,6 +202,9 @@ impl Inbox {
             }),
             queued: AtomicUsize::new(0),
             room: Notify::new(),
+            sent: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            progress: Notify::new(),
         }
     }
 
@@ -186,18 +223,22 @@ impl Inbox {
         self.queued.load(Ordering::Acquire) >= INBOX_LIMIT
     }
 
-    /// Queues `handoffs` for the deliverer. Dropped when the worker is gone.
-    pub fn send(&self, handoffs: Vec<Handoff>, slow_consumers: Counter) {
+    /// Queues `handoffs` for the deliverer; returns the ticket
+    /// [`Inbox::made_up_to`] waits for. Dropped when the worker is gone
+    /// (ticket 0: nothing to wait for).
+    pub fn send(&self, handoffs: Vec<Handoff>, slow_consumers: Counter) -> u64 {
         if handoffs.is_empty() {
-            return;
+            return 0;
         }
         let Ok(mut state) = self.state.lock() else {
-            return;
+            return 0;
         };
         if state.closed {
-            return;
+            return 0;
         }
         self.queued.fetch_add(handoffs.len(), Ordering::AcqRel);
+        let ticket =
+            self.sent.fetch_add(handoffs.len() as u64, Ordering::AcqRel) + handoffs.len() as u64;
         state.batches.push(Batch {
             handoffs,
             slow_consumers,
@@ -205,6 +246,7 @@ impl Inbox {
         if let Some(waker) = state.waker.take() {
             waker.wake();
         }
+        ticket
     }
 
     /// Waits while the inbox is over its bound.
@@ -213,6 +255,19 @@ impl Inbox {
             let mut notified = pin!(self.room.notified());
             notified.as_mut().enable();
             if !self.is_full() || self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until the handoffs sent up to `ticket` have been made (or the
+    /// inbox closed); what was sent after them does not prolong the wait.
+    pub async fn made_up_to(&self, ticket: u64) {
+        loop {
+            let mut notified = pin!(self.progress.notified());
+            notified.as_mut().enable();
+            if self.done.load(Ordering::Acquire) >= ticket || self.is_closed() {
                 return;
             }
             notified.await;
@@ -235,6 +290,8 @@ impl Inbox {
         if before >= INBOX_LIMIT && before - count < INBOX_LIMIT {
             self.room.notify_waiters();
         }
+        self.done.fetch_add(count as u64, Ordering::AcqRel);
+        self.progress.notify_waiters();
     }
 
     fn close(&self) {
@@ -242,8 +299,10 @@ impl Inbox {
             state.closed = true;
             let dropped: usize = state.batches.drain(..).map(|b| b.handoffs.len()).sum();
             self.queued.fetch_sub(dropped, Ordering::AcqRel);
+            self.done.fetch_add(dropped as u64, Ordering::AcqRel);
         }
         self.room.notify_waiters();
+        self.progress.notify_waiters();
     }
 }
 
@@ -265,14 +324,71 @@ async fn deliver(inbox: Arc<Inbox>) {
             // The lock was poisoned: nothing can be delivered any more.
             return;
         }
+        let mut slice_start = Instant::now();
         for batch in batches {
             let count = batch.handoffs.len();
-            for handoff in batch.handoffs {
+            for (index, handoff) in batch.handoffs.into_iter().enumerate() {
                 if handoff.push() == Push::Overflowed {
                     batch.slow_consumers.inc();
                 }
+                // The batch still counts as queued while this yields, so no
+                // push overtakes the rest of it (see `is_here_and_empty`).
+                if index % PUSHES_PER_CLOCK_CHECK == PUSHES_PER_CLOCK_CHECK - 1
+                    && slice_start.elapsed() >= SLICE
+                {
+                    tokio::task::yield_now().await;
+                    slice_start = Instant::now();
+                }
             }
             inbox.0.delivered(count);
+        }
+    }
+}
+
+/// What a channel handed to workers: per inbox, the tickets of its two
+/// latest handoffs (earlier ones are made before them).
+#[derive(Clone, Default)]
+pub struct Handed(Vec<HandedTo>);
+
+#[derive(Clone)]
+struct HandedTo {
+    inbox: Arc<Inbox>,
+    before_latest: u64,
+    latest: u64,
+}
+
+impl Handed {
+    /// Adds newer handoffs.
+    pub fn record(&mut self, newer: Handed) {
+        for new in newer.0 {
+            match self
+                .0
+                .iter_mut()
+                .find(|known| Arc::ptr_eq(&known.inbox, &new.inbox))
+            {
+                Some(known) => {
+                    known.before_latest = known.latest;
+                    known.latest = new.latest;
+                }
+                None => self.0.push(new),
+            }
+        }
+    }
+
+    /// Waits until every worker has made all but the latest handoff: one run
+    /// may still be in a worker while the relay takes the next (the workers
+    /// and the relay overlap), never two.
+    pub async fn made_but_latest(self) {
+        for to in self.0 {
+            to.inbox.made_up_to(to.before_latest).await;
+        }
+    }
+
+    fn to(inbox: Arc<Inbox>, ticket: u64) -> HandedTo {
+        HandedTo {
+            inbox,
+            before_latest: 0,
+            latest: ticket,
         }
     }
 }
@@ -281,7 +397,9 @@ async fn deliver(inbox: Arc<Inbox>) {
 /// each other worker gets its batch, so it starts writing its connections
 /// while this thread writes those it may push to itself.
 pub struct Deliveries {
+    /// Pushes this thread may make itself, and its inbox.
     here: Vec<Handoff>,
+    here_inbox: Option<Arc<Inbox>>,
     batches: Vec<(Arc<Inbox>, Vec<Handoff>)>,
     slow_consumers: Counter,
 }
@@ -290,6 +408,7 @@ impl Deliveries {
     pub fn new(slow_consumers: &Counter) -> Self {
         Self {
             here: Vec::new(),
+            here_inbox: None,
             batches: Vec::new(),
             slow_consumers: slow_consumers.clone(),
         }
@@ -309,6 +428,9 @@ impl Deliveries {
             item,
         };
         if worker.is_here_and_empty() {
+            if self.here_inbox.is_none() {
+                self.here_inbox = Some(worker.clone());
+            }
             self.here.push(handoff);
             return;
         }
@@ -325,19 +447,30 @@ impl Deliveries {
     /// Hands each other worker its batch, then makes this thread's pushes.
     /// Must be called under the lock of the channel the pushes are for
     /// (dropping does it too).
-    pub fn send(mut self) {
-        self.flush();
+    /// Returns what went through workers' inboxes.
+    pub fn send(mut self) -> Handed {
+        self.flush()
     }
 
-    fn flush(&mut self) {
+    fn flush(&mut self) -> Handed {
+        let mut handed = Vec::with_capacity(self.batches.len() + 1);
         for (inbox, handoffs) in self.batches.drain(..) {
-            inbox.send(handoffs, self.slow_consumers.clone());
+            let ticket = inbox.send(handoffs, self.slow_consumers.clone());
+            handed.push(Handed::to(inbox, ticket));
+        }
+        if self.here.len() > AT_ONCE_LIMIT
+            && let Some(inbox) = self.here_inbox.take()
+        {
+            let ticket = inbox.send(std::mem::take(&mut self.here), self.slow_consumers.clone());
+            handed.push(Handed::to(inbox, ticket));
+            return Handed(handed);
         }
         for handoff in self.here.drain(..) {
             if handoff.push() == Push::Overflowed {
                 self.slow_consumers.inc();
             }
         }
+        Handed(handed)
     }
 }
 
@@ -455,5 +588,83 @@ mod tests {
         drop(deliveries);
         assert_eq!(q.queued_bytes(), 1);
         assert_eq!(here.queued.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_relay_waits_for_all_but_its_latest_handoff_and_nothing_later() {
+        let inbox = Arc::new(Inbox::new(this_thread()));
+        let q = queue();
+        let mut handed = Handed::default();
+        assert!(
+            poll_once(pin!(handed.clone().made_but_latest())),
+            "nothing handed"
+        );
+        let send = |handed: &mut Handed| {
+            let ticket = inbox.send(vec![message(&q)], Counter::default());
+            handed.record(Handed(vec![Handed::to(inbox.clone(), ticket)]));
+        };
+        send(&mut handed);
+        assert!(
+            poll_once(pin!(handed.clone().made_but_latest())),
+            "one run may be in the worker"
+        );
+        send(&mut handed);
+        let mut waiting = pin!(handed.clone().made_but_latest());
+        assert!(!poll_once(waiting.as_mut()), "not two");
+        // Another channel's handoff, sent later, is not waited for.
+        inbox.send(vec![message(&q)], Counter::default());
+        let mut cx = Context::from_waker(Waker::noop());
+        let Poll::Ready(batches) = inbox.poll_take(&mut cx) else {
+            panic!("batches wait");
+        };
+        inbox.delivered(batches[0].handoffs.len());
+        assert!(poll_once(waiting), "the first run was made");
+        assert_eq!(handed.0.len(), 1, "one entry per worker");
+    }
+
+    #[test]
+    fn a_large_share_for_this_thread_goes_through_its_own_inbox() {
+        let here = Arc::new(Inbox::new(this_thread()));
+        let q = queue();
+        let alive = SubAlive::new();
+        let mut deliveries = Deliveries::new(&Counter::default());
+        for _ in 0..=AT_ONCE_LIMIT {
+            deliveries.push(
+                &here,
+                &q,
+                &alive,
+                HandoffItem::Message(Frame::Binary(Bytes::from_static(b"m"))),
+            );
+        }
+        deliveries.send();
+        assert_eq!(q.queued_bytes(), 0, "nothing pushed at once");
+        assert_eq!(here.queued.load(Ordering::Relaxed), AT_ONCE_LIMIT + 1);
+    }
+
+    #[actix_rt::test]
+    async fn a_long_batch_lets_the_workers_other_tasks_run_before_it_ends() {
+        // Far more than one slice's worth of pushes, even in an optimised build.
+        const PUSHES: usize = 200_000;
+        let inbox = Inbox::current();
+        let q = queue();
+        inbox.send(
+            (0..PUSHES).map(|_| message(&q)).collect(),
+            Counter::default(),
+        );
+        // Spawned after the deliverer: it runs when the deliverer yields.
+        let waiting_when_it_ran = actix_rt::spawn({
+            let inbox = inbox.clone();
+            async move { inbox.queued.load(Ordering::Acquire) }
+        })
+        .await
+        .expect("task");
+        assert!(
+            waiting_when_it_ran > 0,
+            "another task of the worker waited for the whole batch"
+        );
+        while inbox.queued.load(Ordering::Acquire) > 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(q.queued_bytes(), PUSHES, "every push made, once");
     }
 }

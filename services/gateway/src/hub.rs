@@ -52,7 +52,7 @@ use rt_shared::trace_context::TraceContext;
 use rt_shared::{Bus, BusError};
 use tokio::sync::oneshot;
 
-use crate::handoff::{Deliveries, HandoffItem, Inbox, SubAlive};
+use crate::handoff::{Deliveries, Handed, HandoffItem, Inbox, SubAlive};
 use crate::metrics::{GatewayMetrics, ReasonLabel};
 use crate::outbound::{Frame, Outbound};
 
@@ -200,6 +200,8 @@ struct ChannelEntry {
     /// to (received, filled, or vouched for by a subscribe reply), to spot gaps.
     last: Option<StreamPosition>,
     repair: Option<Repair>,
+    /// What this channel's pushes handed to workers, for the relay's pace.
+    handed: Handed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -282,8 +284,23 @@ impl Hub {
         inbox
     }
 
-    /// Waits while some worker has more handed to it than it may hold.
-    async fn room_in_workers(&self) {
+    /// Waits until every worker has made the pushes `channel` handed to it
+    /// before but the latest run. Its relay so takes its next arrivals at
+    /// the pace of the slowest worker: what piles up in the subscription
+    /// meanwhile goes out as one run, one push per subscriber, instead of
+    /// one per arrival to a worker that falls further behind. Also waits
+    /// while some worker has more handed to it than it may hold (many relays
+    /// at once).
+    async fn wait_for_workers(&self, channel: &ChannelName) {
+        let handed = self
+            .shard(channel.as_str())
+            .and_then(|shard| {
+                shard
+                    .get(channel.as_str())
+                    .map(|entry| entry.handed.clone())
+            })
+            .unwrap_or_default();
+        handed.made_but_latest().await;
         let full: Vec<Arc<Inbox>> = self
             .inboxes
             .read()
@@ -341,6 +358,7 @@ impl Hub {
                     stop_relay: Some(stop_tx),
                     last: None,
                     repair: None,
+                    handed: Handed::default(),
                 })
             }
         };
@@ -573,7 +591,7 @@ impl Hub {
                 lost.push((*conn, why));
             }
         }
-        deliveries.send();
+        entry.handed.record(deliveries.send());
         for (conn, why) in lost {
             self.end(entry, channel, conn, why);
         }
@@ -1039,7 +1057,7 @@ impl Hub {
                 HandoffItem::Message(frame),
             );
         }
-        deliveries.send();
+        entry.handed.record(deliveries.send());
     }
 }
 
@@ -1086,9 +1104,12 @@ async fn run_relay(
             _ = &mut stop => break,
             message = subscription.next() => {
                 let Some(message) = message else { break };
-                // What else already waits in the subscription goes out with
-                // it: a node that fell behind catches up in runs.
                 arrivals.push(message);
+                // The workers first write what was handed to them before;
+                // what arrives meanwhile, and what else already waits in the
+                // subscription, goes out with this message: a node that fell
+                // behind catches up in runs.
+                hub.wait_for_workers(&channel).await;
                 let mut ended = false;
                 while arrivals.len() < RELAY_BATCH {
                     match subscription.next().now_or_never() {
@@ -1104,7 +1125,6 @@ async fn run_relay(
                 if ended {
                     break;
                 }
-                hub.room_in_workers().await;
             }
         }
     }
