@@ -264,14 +264,22 @@ impl Inbox {
     /// Waits until the handoffs sent up to `ticket` have been made (or the
     /// inbox closed); what was sent after them does not prolong the wait.
     pub async fn made_up_to(&self, ticket: u64) {
+        // Usually already made: no waiter registered (a lock) for nothing.
+        if self.is_made(ticket) {
+            return;
+        }
         loop {
             let mut notified = pin!(self.progress.notified());
             notified.as_mut().enable();
-            if self.done.load(Ordering::Acquire) >= ticket || self.is_closed() {
+            if self.is_made(ticket) {
                 return;
             }
             notified.await;
         }
+    }
+
+    fn is_made(&self, ticket: u64) -> bool {
+        self.done.load(Ordering::Acquire) >= ticket || self.is_closed()
     }
 
     fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Vec<Batch>> {
