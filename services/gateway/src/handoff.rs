@@ -164,7 +164,10 @@ struct State {
 pub struct Inbox {
     owner: ThreadId,
     state: Mutex<State>,
-    /// Handoffs queued (the bound counts these).
+    /// Handoffs queued (the bound counts these). Not derived from `sent -
+    /// done`: two loads give only a bound (done first: an upper one, which
+    /// `is_here_and_empty` could use; sent first: a lower one, which the room
+    /// check would need to never miss its wake-up), where one counter is exact.
     queued: AtomicUsize,
     room: Notify,
     /// Handoffs ever sent, and ever made (or dropped with a closed inbox):
