@@ -30,7 +30,7 @@ use crate::cli::Common;
 use crate::client::Dialer;
 use crate::error::Result;
 use crate::pacer::{self, Schedule, Spread, Tick, Window};
-use crate::report::{Generator, p50_p99, write_json};
+use crate::report::{Generator, p50_p99, print_and_write};
 use crate::stats::Summary;
 use crate::sysinfo::{self, CpuSample};
 use crate::wire::{Bare, Encoding, Rpc};
@@ -166,11 +166,7 @@ pub struct Outcome {
 /// Runs the plan, prints the report (and writes it as JSON if asked).
 pub async fn run(plan: Plan) -> Result<ExitCode> {
     let report = measure(&plan).await?;
-    print!("{}", report.render());
-    if let Some(path) = &plan.common.json_out {
-        write_json(path, &report)?;
-        eprintln!("rtload: report written to {}", path.display());
-    }
+    print_and_write(&report.render(), &report, plan.common.json_out.as_deref())?;
     // A run in which no measured call got any reply measured nothing.
     if report.calls.replied == 0 {
         eprintln!("rtload: nothing was measured (no measured call got a reply)");
@@ -194,22 +190,8 @@ pub async fn measure(plan: &Plan) -> Result<report::CallsReport> {
         return Err("nothing to measure: --duration × the rate is under one call".into());
     }
     let fds_needed = (plan.connections + 64) as u64;
-    let (fd, fd_note) = sysinfo::raise_fd_limit();
-    let mut notes: Vec<String> = fd_note.into_iter().collect();
-    if let Some(soft) = fd.and_then(|fd| fd.soft).filter(|soft| *soft < fds_needed) {
-        eprintln!(
-            "rtload: warning: descriptor limit {soft} < ~{fds_needed} needed; connections will fail"
-        );
-    }
-    let dialer = Arc::new(
-        Dialer::new(
-            &common.url,
-            &common.bind_ip,
-            common.encoding,
-            common.connect_timeout,
-        )
-        .await?,
-    );
+    let (fd, mut notes) = sysinfo::prepare_fds(fds_needed);
+    let dialer = Arc::new(Dialer::new(&common.url, common).await?);
     let live = Arc::new(Live::default());
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, http::header};
 
+use crate::cli::Common;
 use crate::error::Result;
 use crate::wire::{self, Bare, Connect, ConnectOk, Encoding, OnChannel, Reply, Since};
 
@@ -85,12 +86,9 @@ pub struct Dialer {
 }
 
 impl Dialer {
-    pub async fn new(
-        url: &str,
-        sources: &[IpAddr],
-        encoding: Encoding,
-        timeout: Duration,
-    ) -> Result<Self> {
+    /// A dialer to `url` (a scenario's `--url`, or another gateway's) with the source
+    /// addresses, encoding and connect timeout of the run's common options.
+    pub async fn new(url: &str, common: &Common) -> Result<Self> {
         let target = parse_ws_url(url)?;
         let server = tokio::net::lookup_host(&target.authority)
             .await?
@@ -99,9 +97,9 @@ impl Dialer {
         Ok(Dialer {
             url: url.to_string(),
             server,
-            sources: sources.to_vec(),
-            encoding,
-            timeout,
+            sources: common.bind_ip.clone(),
+            encoding: common.encoding,
+            timeout: common.connect_timeout,
         })
     }
 

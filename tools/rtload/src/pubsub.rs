@@ -82,10 +82,24 @@ pub struct Outcome {
     pub open_at_end: u64,
 }
 
-/// The load phase: how the pacer ended, and CPU samples at the start and end of the
-/// measured window.
+#[cfg(test)]
+impl Outcome {
+    /// A run that went to the end of its schedule.
+    pub fn completed(measure_start: Instant, open_at_end: u64) -> Self {
+        Outcome {
+            interrupted: false,
+            cut_short: false,
+            measure_start,
+            open_at_end,
+        }
+    }
+}
+
+/// The load phase: how the pacer ended, when the measured window started, and CPU samples
+/// at its start and end.
 pub struct Loaded {
     pub pacer: Option<PacerOutcome>,
+    pub measure_start: Instant,
     pub cpu: (Option<CpuSample>, Option<CpuSample>),
 }
 
@@ -270,6 +284,7 @@ impl Run {
         };
         Loaded {
             pacer: outcome,
+            measure_start,
             cpu: (cpu_start, CpuSample::now()),
         }
     }
@@ -301,9 +316,30 @@ impl Run {
         }
     }
 
+    /// Stops the run ([`Run::stop`]; `what` names its connections) and sums it up for the
+    /// report: how the run ended, and the generator's view of the measured window.
+    pub async fn finish(
+        &mut self,
+        what: &str,
+        loaded: &Loaded,
+        fd: Option<FdLimit>,
+        fds_needed: u64,
+    ) -> (Outcome, Generator) {
+        let open_at_end = self.stop(what).await;
+        // After the stop: its note about missing summaries belongs in the generator's.
+        let generator = self.generator(loaded.cpu, fd, fds_needed);
+        let outcome = Outcome {
+            interrupted: self.interrupted,
+            cut_short: loaded.cut_short(),
+            measure_start: loaded.measure_start,
+            open_at_end,
+        };
+        (outcome, generator)
+    }
+
     /// Tells every task to stop and collects their summaries (5 s at most; a note says
     /// how many of `what` did not report). Returns how many connections were open.
-    pub async fn stop(&mut self, what: &str) -> u64 {
+    async fn stop(&mut self, what: &str) -> u64 {
         let open_at_end = Live::get(&self.live.open);
         self.abort();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -324,7 +360,7 @@ impl Run {
 
     /// The generator's view of itself over the measured window (`cpu`): its notes, the
     /// descriptor limit, the publishers' late sends.
-    pub fn generator(
+    fn generator(
         &mut self,
         cpu: (Option<CpuSample>, Option<CpuSample>),
         fd: Option<FdLimit>,
@@ -385,31 +421,9 @@ pub async fn run_publishers(plan: &Plan) -> Result<Finished> {
     let fds_needed = (plan.subscribers + plan.publishers + 64) as u64;
     let (fd, notes) = sysinfo::prepare_fds(fds_needed);
     let window = plan.load.window(common.warmup, common.duration)?;
-    let dialer = Arc::new(
-        Dialer::new(
-            &common.url,
-            &common.bind_ip,
-            common.encoding,
-            common.connect_timeout,
-        )
-        .await?,
-    );
+    let dialer = Arc::new(Dialer::new(&common.url, common).await?);
     let (mut run, events_tx) = Run::new(cores, notes);
-    let specs: Vec<Arc<SubSpec>> = plan
-        .channels
-        .iter()
-        .enumerate()
-        .map(|(index, channel)| {
-            Arc::new(SubSpec {
-                channel: channel.clone(),
-                channel_index: index,
-                encoding: common.encoding,
-                window,
-                clock,
-                flush_every: Duration::from_secs(1),
-            })
-        })
-        .collect();
+    let specs = SubSpec::per_channel(&plan.channels, common.encoding, window, clock);
     let permits = Arc::new(Semaphore::new(common.connect_concurrency.max(1)));
     for index in 0..plan.subscribers {
         tokio::spawn(subscriber::subscriber(
@@ -501,14 +515,7 @@ pub async fn run_publishers(plan: &Plan) -> Result<Finished> {
         .await;
     }
 
-    let open_at_end = run.stop("subscribers").await;
-    let generator = run.generator(loaded.cpu, fd, fds_needed);
-    let outcome = Outcome {
-        interrupted: run.interrupted,
-        cut_short: loaded.cut_short(),
-        measure_start,
-        open_at_end,
-    };
+    let (outcome, generator) = run.finish("subscribers", &loaded, fd, fds_needed).await;
     Ok(Finished {
         col: run.col,
         outcome,

@@ -3,12 +3,12 @@
 
 use std::fmt;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::stats::Summary;
+use crate::stats::{Summary, Tally, round3};
 use crate::sysinfo::{FdLimit, ServerUsage};
 
 /// Generator CPU above this share of all cores makes results suspect.
@@ -79,12 +79,12 @@ pub fn latency_line(summary: Option<&Summary>) -> String {
     }
 }
 
-/// `p50 1.234 / p99 5.678 ms`.
 /// The title suffix of a report cut short by Ctrl-C.
 pub fn interrupted_suffix(interrupted: bool) -> &'static str {
     if interrupted { " (INTERRUPTED)" } else { "" }
 }
 
+/// `p50 1.234 / p99 5.678 ms`.
 pub fn p50_p99(summary: Option<&Summary>) -> String {
     match summary {
         None => "-".to_string(),
@@ -93,6 +93,64 @@ pub fn p50_p99(summary: Option<&Summary>) -> String {
             fmt_ms(Some(s.p50_ms)),
             fmt_ms(Some(s.p99_ms))
         ),
+    }
+}
+
+/// A duration in seconds, rounded to three decimals as the JSON reports carry them.
+pub fn secs(d: Duration) -> f64 {
+    round3(d.as_secs_f64())
+}
+
+/// The measured span in seconds: the planned duration, stretched if the last measured
+/// send (`last_write`) went out late, or cut to what was sent when the run stopped early.
+/// `period` is the time between two sends of the schedule (0 for a closed loop).
+pub fn measured_secs(
+    last_write: Option<Instant>,
+    measure_start: Instant,
+    period: f64,
+    planned: Duration,
+    stopped_early: bool,
+) -> f64 {
+    let sent_span = last_write.map_or(0.0, |last| {
+        last.saturating_duration_since(measure_start).as_secs_f64() + period
+    });
+    if stopped_early {
+        sent_span
+    } else {
+        sent_span.max(planned.as_secs_f64())
+    }
+}
+
+/// `n` per second over `secs` (0 when nothing was measured).
+pub fn per_sec(n: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        round3(n as f64 / secs)
+    } else {
+        0.0
+    }
+}
+
+/// Every error of a run by kind, and their sum.
+#[derive(Serialize, Debug)]
+pub struct Errors {
+    pub total: u64,
+    pub kinds: Tally,
+}
+
+impl Errors {
+    pub fn of(kinds: Tally) -> Self {
+        Errors {
+            total: kinds.total(),
+            kinds,
+        }
+    }
+
+    /// `errors        <total>`, then a line per kind.
+    pub fn render(&self, out: &mut String) {
+        *out += &format!("errors        {}\n", self.total);
+        for (kind, n) in self.kinds.iter() {
+            *out += &format!("  {n:>10}  {kind}\n");
+        }
     }
 }
 
@@ -151,8 +209,8 @@ impl Generator {
                 fmt_ms(self.max_send_lag_ms)
             ));
         }
-        self.cpu_percent = self.cpu_percent.map(crate::stats::round3);
-        self.machine_cpu_percent = self.machine_cpu_percent.map(crate::stats::round3);
+        self.cpu_percent = self.cpu_percent.map(round3);
+        self.machine_cpu_percent = self.machine_cpu_percent.map(round3);
         self
     }
 
@@ -183,6 +241,37 @@ impl Generator {
             out.push_str(&format!("WARNING       {w}\n"));
         }
     }
+}
+
+#[cfg(test)]
+impl Generator {
+    /// A generator that kept up (no warnings), for the reports' tests.
+    pub fn for_tests() -> Self {
+        Generator {
+            cores: 2,
+            cpu_percent: Some(12.0),
+            machine_cpu_percent: Some(30.0),
+            fd_soft_limit: None,
+            fd_hard_limit: None,
+            fds_needed: 70,
+            late_sends: 0,
+            max_send_lag_ms: Some(0.05),
+            warnings: vec![],
+            server: None,
+        }
+        .assessed()
+    }
+}
+
+/// Prints the text report to stdout and, with `--json-out` (`json_out`), writes `report`
+/// there as JSON.
+pub fn print_and_write(text: &str, report: &impl Serialize, json_out: Option<&Path>) -> Result<()> {
+    print!("{text}");
+    if let Some(path) = json_out {
+        write_json(path, report)?;
+        eprintln!("rtload: report written to {}", path.display());
+    }
+    Ok(())
 }
 
 /// Writes the report as pretty JSON. The server's usage (`generator.server`, present with

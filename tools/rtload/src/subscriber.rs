@@ -31,6 +31,32 @@ pub struct SubSpec {
     pub flush_every: Duration,
 }
 
+impl SubSpec {
+    /// A spec for each of the run's channels, in their order (their index is the one
+    /// publishers count acknowledgements by).
+    pub fn per_channel(
+        channels: &[String],
+        encoding: Encoding,
+        window: Window,
+        clock: Clock,
+    ) -> Vec<Arc<SubSpec>> {
+        channels
+            .iter()
+            .enumerate()
+            .map(|(index, channel)| {
+                Arc::new(SubSpec {
+                    channel: channel.clone(),
+                    channel_index: index,
+                    encoding,
+                    window,
+                    clock,
+                    flush_every: Duration::from_secs(1),
+                })
+            })
+            .collect()
+    }
+}
+
 pub enum Event {
     /// Connected and subscribed.
     Ready {

@@ -10,8 +10,10 @@ use serde::Serialize;
 use super::tracker::{BUSY, TIMEOUT, UNKNOWN, code_name};
 use super::{Call, Collector, Outcome, Plan, Rate};
 use crate::pacer::Window;
-use crate::report::{Generator, cpu_suffix, fmt_ms, latency_line, p50_p99};
-use crate::stats::{Summary, Tally, round3};
+use crate::report::{
+    Errors, Generator, cpu_suffix, fmt_ms, latency_line, measured_secs, p50_p99, per_sec, secs,
+};
+use crate::stats::Summary;
 use crate::wire::Encoding;
 
 /// What the calls are, for headers: `ping`, or the RPC method.
@@ -176,12 +178,6 @@ pub struct Parts {
     pub first_part_ms: Option<Summary>,
 }
 
-#[derive(Serialize, Debug)]
-pub struct Errors {
-    pub total: u64,
-    pub kinds: Tally,
-}
-
 pub fn build(
     plan: &Plan,
     window: Window,
@@ -192,29 +188,17 @@ pub fn build(
     let common = &plan.common;
     let s = &col.stats;
     let rate = plan.total_rate();
-    // The measured span: the planned duration, stretched if the last measured call went
-    // out late, or cut to what was sent when the run stopped early.
-    let sent_span = s.last_write.map_or(0.0, |last| {
-        last.saturating_duration_since(outcome.measure_start)
-            .as_secs_f64()
-            + 1.0 / rate
-    });
-    let span = if outcome.interrupted || outcome.cut_short {
-        sent_span
-    } else {
-        sent_span.max(common.duration.as_secs_f64())
-    };
-    let per_sec = |n: u64| {
-        if span > 0.0 {
-            round3(n as f64 / span)
-        } else {
-            0.0
-        }
-    };
+    let interrupted = outcome.interrupted || outcome.cut_short;
+    let span = measured_secs(
+        s.last_write,
+        outcome.measure_start,
+        1.0 / rate,
+        common.duration,
+        interrupted,
+    );
     let mut kinds = col.setup.errors.clone();
     kinds.merge(&s.kinds(plan.timeout));
     kinds.add("connection lost", outcome.unrouted);
-    let interrupted = outcome.interrupted || outcome.cut_short;
     CallsReport {
         scenario: plan.scenario,
         interrupted,
@@ -253,10 +237,10 @@ pub fn build(
                 window.count()
             },
             sent: s.sent_measured,
-            achieved_rate: per_sec(s.sent_measured),
+            achieved_rate: per_sec(s.sent_measured, span),
             replied: s.ok + s.error_replies(),
             ok: s.ok,
-            ok_rate: per_sec(s.ok),
+            ok_rate: per_sec(s.ok, span),
             failed: s.failed() + outcome.unrouted,
             send_lag_ms: Summary::of(&col.hists.lag),
         },
@@ -279,16 +263,9 @@ pub fn build(
             calls_with_parts: s.calls_with_parts,
             first_part_ms: Summary::of(&col.hists.first_part),
         },
-        errors: Errors {
-            total: kinds.total(),
-            kinds,
-        },
+        errors: Errors::of(kinds),
         generator,
     }
-}
-
-fn secs(d: Duration) -> f64 {
-    round3(d.as_secs_f64())
 }
 
 impl CallsReport {
@@ -370,10 +347,7 @@ impl CallsReport {
                 p50_p99(p.first_part_ms.as_ref()),
             );
         }
-        out += &format!("errors        {}\n", self.errors.total);
-        for (kind, n) in self.errors.kinds.iter() {
-            out += &format!("  {n:>10}  {kind}\n");
-        }
+        self.errors.render(&mut out);
         if o.unknown_104 > 0 {
             out += &format!(
                 "hint          104: the gateway knows no {} (no service answers that method, or the gateway lacks the op)\n",
@@ -402,20 +376,24 @@ mod tests {
     use crate::cli::{Cli, Scenario};
     use clap::Parser;
 
-    fn generator() -> Generator {
-        Generator {
-            cores: 2,
-            cpu_percent: Some(5.0),
-            machine_cpu_percent: Some(20.0),
-            fd_soft_limit: None,
-            fd_hard_limit: None,
-            fds_needed: 66,
-            late_sends: 0,
-            max_send_lag_ms: Some(0.05),
-            warnings: vec![],
-            server: None,
+    /// A connection's end: its counts, all in the measured window.
+    fn done(stats: CallStats, samples: CallSamples) -> Event {
+        Event::Done(Box::new(ConnSummary {
+            stats,
+            samples,
+            closed_early: false,
+        }))
+    }
+
+    /// A run that went to the end of its schedule.
+    fn completed(measure_start: Instant, open_at_end: u64) -> Outcome {
+        Outcome {
+            interrupted: false,
+            cut_short: false,
+            measure_start,
+            open_at_end,
+            unrouted: 0,
         }
-        .assessed()
     }
 
     fn rpc_plan() -> Plan {
@@ -491,19 +469,9 @@ mod tests {
         stats.parts = 6;
         stats.calls_with_parts = 3;
         samples.first_part.push(1_200);
-        col.on(Event::Done(Box::new(ConnSummary {
-            stats,
-            samples,
-            closed_early: false,
-        })));
-        let outcome = Outcome {
-            interrupted: false,
-            cut_short: false,
-            measure_start: start,
-            open_at_end: 2,
-            unrouted: 0,
-        };
-        let report = build(&plan, window, &outcome, &col, generator());
+        col.on(done(stats, samples));
+        let outcome = completed(start, 2);
+        let report = build(&plan, window, &outcome, &col, Generator::for_tests());
         assert_eq!(
             (report.calls.ok, report.calls.replied, report.calls.failed),
             (12, 18, 8)
@@ -559,19 +527,9 @@ mod tests {
             stats.count(CallOutcome::Ok);
             samples.latency.push(us * 100);
         }
-        col.on(Event::Done(Box::new(ConnSummary {
-            stats,
-            samples,
-            closed_early: false,
-        })));
-        let outcome = Outcome {
-            interrupted: false,
-            cut_short: false,
-            measure_start: Instant::now(),
-            open_at_end: 4,
-            unrouted: 0,
-        };
-        let text = build(&plan, window, &outcome, &col, generator()).render();
+        col.on(done(stats, samples));
+        let outcome = completed(Instant::now(), 4);
+        let text = build(&plan, window, &outcome, &col, Generator::for_tests()).render();
         assert!(
             text.contains("rtload ping: 4 connections × 5/s = 20/s (msgpack)"),
             "{text}"

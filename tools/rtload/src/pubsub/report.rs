@@ -9,8 +9,8 @@ use serde::Serialize;
 use super::Outcome;
 use crate::collector::Collector;
 use crate::publish::PubStats;
-use crate::report::{latency_line, p50_p99};
-use crate::stats::{Summary, Tally, round3};
+use crate::report::{Errors, latency_line, p50_p99, per_sec};
+use crate::stats::Summary;
 
 #[derive(Serialize, Debug)]
 pub struct Connections {
@@ -63,39 +63,24 @@ pub struct Lost {
     pub out_of_order: u64,
 }
 
-#[derive(Serialize, Debug)]
-pub struct Errors {
-    pub total: u64,
-    pub kinds: Tally,
-}
-
-/// The measured span in seconds: the planned duration, stretched if the last measured
-/// send went out late, or cut to what was sent when the run stopped early. `period` is
-/// the time between two sends of the schedule (0 for a closed loop).
+/// The measured span in seconds of a publish/subscribe run (see
+/// [`crate::report::measured_secs`]); `period` is 0 for a closed loop.
 pub fn measured_secs(pubs: &PubStats, outcome: &Outcome, period: f64, planned: Duration) -> f64 {
-    let sent_span = pubs.last_write.map_or(0.0, |last| {
-        last.saturating_duration_since(outcome.measure_start)
-            .as_secs_f64()
-            + period
-    });
-    if outcome.interrupted || outcome.cut_short {
-        sent_span
-    } else {
-        sent_span.max(planned.as_secs_f64())
-    }
+    crate::report::measured_secs(
+        pubs.last_write,
+        outcome.measure_start,
+        period,
+        planned,
+        outcome.interrupted || outcome.cut_short,
+    )
 }
 
-/// `n` per second over `secs` (0 when nothing was measured).
-pub fn per_sec(n: u64, secs: f64) -> f64 {
-    if secs > 0.0 {
-        round3(n as f64 / secs)
-    } else {
-        0.0
-    }
-}
-
-pub fn secs(d: Duration) -> f64 {
-    round3(d.as_secs_f64())
+/// Setup failures, subscribers' errors and the publishers' (whole run).
+pub fn errors_of(col: &Collector, pubs: &PubStats) -> Errors {
+    let mut kinds = col.setup.errors.clone();
+    kinds.merge(&col.errors);
+    kinds.merge(&pubs.errors);
+    Errors::of(kinds)
 }
 
 impl Connections {
@@ -209,25 +194,5 @@ impl Lost {
             self.tail.map_or_else(|| "-".to_string(), |t| t.to_string()),
             self.out_of_order,
         );
-    }
-}
-
-impl Errors {
-    /// Setup failures, subscribers' errors and the publishers' (whole run).
-    pub fn of(col: &Collector, pubs: &PubStats) -> Self {
-        let mut kinds = col.setup.errors.clone();
-        kinds.merge(&col.errors);
-        kinds.merge(&pubs.errors);
-        Errors {
-            total: kinds.total(),
-            kinds,
-        }
-    }
-
-    pub fn render(&self, out: &mut String) {
-        *out += &format!("errors        {}\n", self.total);
-        for (kind, n) in self.kinds.iter() {
-            *out += &format!("  {n:>10}  {kind}\n");
-        }
     }
 }

@@ -239,15 +239,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     // The measured window starts after the subscriptions are in place.
     let mut tasks = Vec::new();
     let dialer = match args.via {
-        Via::Ws => Some(Arc::new(
-            Dialer::new(
-                &common.url,
-                &common.bind_ip,
-                common.encoding,
-                common.connect_timeout,
-            )
-            .await?,
-        )),
+        Via::Ws => Some(Arc::new(Dialer::new(&common.url, common).await?)),
         Via::Nats => None,
     };
     let mut ws_readers = Vec::new();

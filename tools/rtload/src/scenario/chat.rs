@@ -33,8 +33,8 @@ use crate::error::Result;
 use crate::pacer::{self, Schedule, Spread, Tick, Window};
 use crate::publish::over_ws::{self, Acks};
 use crate::publish::{PublishSpec, Via};
-use crate::pubsub::{Load, Outcome, Run};
-use crate::report::write_json;
+use crate::pubsub::{Load, Run};
+use crate::report::print_and_write;
 use crate::stats::Live;
 use crate::subscriber::{self, Event, OffsetTracker, SubSpec, Summary};
 use crate::sysinfo;
@@ -103,15 +103,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     let cores = sysinfo::cores();
     let fds_needed = (members + 64) as u64;
     let (fd, notes) = sysinfo::prepare_fds(fds_needed);
-    let dialer = Arc::new(
-        Dialer::new(
-            &common.url,
-            &common.bind_ip,
-            common.encoding,
-            common.connect_timeout,
-        )
-        .await?,
-    );
+    let dialer = Arc::new(Dialer::new(&common.url, common).await?);
     let rooms: Vec<String> = (0..args.rooms)
         .map(|r| format!("{}{r}", args.prefix))
         .collect();
@@ -126,20 +118,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         common.warmup,
     );
     let (mut run, events_tx) = Run::new(cores, notes);
-    let subs: Vec<Arc<SubSpec>> = rooms
-        .iter()
-        .enumerate()
-        .map(|(index, room)| {
-            Arc::new(SubSpec {
-                channel: room.clone(),
-                channel_index: index,
-                encoding: common.encoding,
-                window,
-                clock,
-                flush_every: Duration::from_secs(1),
-            })
-        })
-        .collect();
+    let subs = SubSpec::per_channel(&rooms, common.encoding, window, clock);
     let pub_spec = Arc::new(PublishSpec {
         via: Via::Ws,
         channels: rooms,
@@ -205,20 +184,9 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     })
     .await;
 
-    let open_at_end = run.stop("members").await;
-    let generator = run.generator(loaded.cpu, fd, fds_needed);
-    let outcome = Outcome {
-        interrupted: run.interrupted,
-        cut_short: loaded.cut_short(),
-        measure_start,
-        open_at_end,
-    };
+    let (outcome, generator) = run.finish("members", &loaded, fd, fds_needed).await;
     let report = report::build(&args, &run.col, &outcome, &unsent, generator);
-    print!("{}", report.render());
-    if let Some(path) = &common.json_out {
-        write_json(path, &report)?;
-        eprintln!("rtload: report written to {}", path.display());
-    }
+    print_and_write(&report.render(), &report, common.json_out.as_deref())?;
     if report.publish.acked == 0 || report.delivery.delivered == 0 {
         eprintln!("rtload: nothing was measured (no acknowledged message delivered)");
         return Ok(ExitCode::FAILURE);

@@ -15,7 +15,7 @@ use crate::cli::Common;
 use crate::error::Result;
 use crate::publish::Via;
 use crate::pubsub::{self, Load, Plan};
-use crate::report::write_json;
+use crate::report::print_and_write;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -87,11 +87,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     };
     let finished = pubsub::run_publishers(&plan).await?;
     let report = report::build(&args, finished);
-    print!("{}", report.render());
-    if let Some(path) = &common.json_out {
-        write_json(path, &report)?;
-        eprintln!("rtload: report written to {}", path.display());
-    }
+    print_and_write(&report.render(), &report, common.json_out.as_deref())?;
     // A run that measured nothing is a failure, whatever the reason (shown above).
     if report.publish.acked == 0 || report.delivery.delivered == 0 {
         eprintln!("rtload: nothing was measured (no acknowledged publication delivered)");

@@ -17,7 +17,7 @@ use crate::cli::Common;
 use crate::error::Result;
 use crate::publish::Via;
 use crate::pubsub::{self, Load, Plan};
-use crate::report::write_json;
+use crate::report::print_and_write;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -120,11 +120,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     };
     let finished = pubsub::run_publishers(&plan).await?;
     let report = report::build(&args, connections, finished);
-    print!("{}", report.render());
-    if let Some(path) = &common.json_out {
-        write_json(path, &report)?;
-        eprintln!("rtload: report written to {}", path.display());
-    }
+    print_and_write(&report.render(), &report, common.json_out.as_deref())?;
     let undelivered = report
         .subscribers
         .as_ref()

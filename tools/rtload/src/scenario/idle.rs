@@ -18,14 +18,14 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::calls::report::{Connections, Errors};
+use crate::calls::report::Connections;
 use crate::cli::Common;
 use crate::client::Dialer;
 use crate::clock::parse_duration;
 use crate::collector::Setup;
 use crate::error::{Result, short};
-use crate::report::{Generator, p50_p99, write_json};
-use crate::stats::{Summary, Tally, round3};
+use crate::report::{Errors, Generator, p50_p99, print_and_write, secs};
+use crate::stats::{Summary, Tally};
 use crate::sysinfo::{self, CpuSample};
 use crate::wire::Encoding;
 use memory::{Source, median, mib, per_connection_kib};
@@ -137,11 +137,7 @@ impl Memory {
 
 pub async fn run(args: Args) -> Result<ExitCode> {
     let report = measure(&args).await?;
-    print!("{}", report.render());
-    if let Some(path) = &args.common.json_out {
-        write_json(path, &report)?;
-        eprintln!("rtload: report written to {}", path.display());
-    }
+    print_and_write(&report.render(), &report, args.common.json_out.as_deref())?;
     if report.memory.per_connection_kib.is_none() {
         eprintln!("rtload: nothing was measured (no memory sample during the hold)");
         return Ok(ExitCode::FAILURE);
@@ -180,22 +176,8 @@ pub async fn measure(args: &Args) -> Result<IdleReport> {
     let source = Source::new(&args.gateway_pid, args.metrics.as_deref(), &common.url).await?;
     let before = read_before(&source).await?;
     let fds_needed = (args.connections + 64) as u64;
-    let (fd, fd_note) = sysinfo::raise_fd_limit();
-    let mut notes: Vec<String> = fd_note.into_iter().collect();
-    if let Some(soft) = fd.and_then(|fd| fd.soft).filter(|soft| *soft < fds_needed) {
-        eprintln!(
-            "rtload: warning: descriptor limit {soft} < ~{fds_needed} needed; connections will fail"
-        );
-    }
-    let dialer = Arc::new(
-        Dialer::new(
-            &common.url,
-            &common.bind_ip,
-            common.encoding,
-            common.connect_timeout,
-        )
-        .await?,
-    );
+    let (fd, mut notes) = sysinfo::prepare_fds(fds_needed);
+    let dialer = Arc::new(Dialer::new(&common.url, common).await?);
     eprintln!(
         "rtload idle: {} connections ({}), settle {:?}, hold {:?}; gateway memory {} before ({})",
         args.connections,
@@ -363,8 +345,8 @@ pub async fn measure(args: &Args) -> Result<IdleReport> {
             url: common.url.clone(),
             encoding: common.encoding,
             connections: args.connections,
-            settle_s: round3(args.settle.as_secs_f64()),
-            hold_s: round3(args.hold.as_secs_f64()),
+            settle_s: secs(args.settle),
+            hold_s: secs(args.hold),
             bind_ips: common.bind_ip.iter().map(|ip| ip.to_string()).collect(),
         },
         connections: Connections {
@@ -382,10 +364,7 @@ pub async fn measure(args: &Args) -> Result<IdleReport> {
             read_errors,
             setup.ready,
         ),
-        errors: Errors {
-            total: kinds.total(),
-            kinds,
-        },
+        errors: Errors::of(kinds),
         generator,
     })
 }
@@ -473,10 +452,7 @@ impl IdleReport {
             m.per_connection_kib
                 .map_or_else(|| "-".to_string(), |kib| format!("{kib:.1}")),
         );
-        out += &format!("errors        {}\n", self.errors.total);
-        for (kind, n) in self.errors.kinds.iter() {
-            out += &format!("  {n:>10}  {kind}\n");
-        }
+        self.errors.render(&mut out);
         self.generator.render(&mut out);
         out
     }
@@ -526,23 +502,8 @@ mod tests {
                 connect_ms: None,
             },
             memory: m,
-            errors: Errors {
-                total: 0,
-                kinds: Tally::default(),
-            },
-            generator: Generator {
-                cores: 2,
-                cpu_percent: Some(1.0),
-                machine_cpu_percent: Some(5.0),
-                fd_soft_limit: None,
-                fd_hard_limit: None,
-                fds_needed: 164,
-                late_sends: 0,
-                max_send_lag_ms: None,
-                warnings: vec![],
-                server: None,
-            }
-            .assessed(),
+            errors: Errors::of(Tally::default()),
+            generator: Generator::for_tests(),
         };
         let text = report.render();
         assert!(text.contains("memory        before 10.0 MiB, during 12.0 MiB (median of 3 samples, min 11.0 MiB, max 13.0 MiB, 1 unreadable); /proc/1/status VmRSS\n"), "{text}");

@@ -36,7 +36,7 @@ use crate::collector::Setup;
 use crate::error::Result;
 use crate::pacer::{self, Schedule, Window};
 use crate::publish::{self, PubStats, PublishSpec, Via};
-use crate::report::{Generator, cpu_suffix, fmt_ms, p50_p99, write_json};
+use crate::report::{Generator, cpu_suffix, fmt_ms, p50_p99, print_and_write};
 use crate::stats::{self, Hist, Summary};
 use crate::sysinfo::{self, CpuSample};
 use client::{Backoff, Event};
@@ -328,11 +328,7 @@ pub struct Timeline {
 
 pub async fn run(args: Args) -> Result<ExitCode> {
     let report = measure(&args).await?;
-    print!("{}", report.render());
-    if let Some(path) = &args.common.json_out {
-        write_json(path, &report)?;
-        eprintln!("rtload: report written to {}", path.display());
-    }
+    print_and_write(&report.render(), &report, args.common.json_out.as_deref())?;
     if !report.storm.happened || report.publish.acked == 0 {
         eprintln!("rtload: nothing was measured (no storm, or no publication acknowledged)");
         return Ok(ExitCode::FAILURE);
@@ -354,33 +350,11 @@ pub async fn measure(args: &Args) -> Result<StormReport> {
     let ping_wanted = args.ping_wanted();
     let publishers = args.publishers.max(1);
     let fds_needed = (args.clients + ping_wanted + publishers + 64) as u64;
-    let (fd, fd_note) = sysinfo::raise_fd_limit();
-    let mut notes: Vec<String> = fd_note.into_iter().collect();
-    if let Some(soft) = fd.and_then(|fd| fd.soft).filter(|soft| *soft < fds_needed) {
-        eprintln!(
-            "rtload: warning: descriptor limit {soft} < ~{fds_needed} needed; connections will fail"
-        );
-    }
+    let (fd, mut notes) = sysinfo::prepare_fds(fds_needed);
     let publish_url = args.publish_url()?;
-    let dialer = Arc::new(
-        Dialer::new(
-            &common.url,
-            &common.bind_ip,
-            common.encoding,
-            common.connect_timeout,
-        )
-        .await?,
-    );
+    let dialer = Arc::new(Dialer::new(&common.url, common).await?);
     let ping_dialer = match &args.ping_url {
-        Some(url) if ping_wanted > 0 => Some(Arc::new(
-            Dialer::new(
-                url,
-                &common.bind_ip,
-                common.encoding,
-                common.connect_timeout,
-            )
-            .await?,
-        )),
+        Some(url) if ping_wanted > 0 => Some(Arc::new(Dialer::new(url, common).await?)),
         _ => None,
     };
     let channels = args.channel_names();

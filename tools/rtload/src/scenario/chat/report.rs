@@ -5,8 +5,8 @@ use serde::Serialize;
 use super::{Args, Unsent};
 use crate::collector::Collector;
 use crate::pubsub::Outcome;
-use crate::pubsub::report::{Connections, Delivery, Errors, Lost, Publishing, measured_secs, secs};
-use crate::report::{Generator, interrupted_suffix, latency_line};
+use crate::pubsub::report::{Connections, Delivery, Lost, Publishing, errors_of, measured_secs};
+use crate::report::{Errors, Generator, interrupted_suffix, latency_line, secs};
 use crate::stats::{Live, Summary, Tally};
 use crate::wire::Encoding;
 
@@ -95,7 +95,7 @@ pub fn build(
         delivery: Delivery::of(col, col.expected(&pubs.acked_by_channel), span),
         latency_ms: Summary::of(&col.latency),
         lost: Lost::of(col, pubs),
-        errors: Errors::of(col, pubs),
+        errors: errors_of(col, pubs),
         generator,
     }
 }
@@ -189,14 +189,10 @@ mod tests {
                 samples.push(1000 + o);
             }
             col.on(Event::Done(Box::new(SubSummary {
-                channel: member % 2,
                 delivered: last,
                 delivered_measured: last,
-                offsets,
-                unstamped: 0,
-                errors: Tally::default(),
-                closed_early: false,
                 samples,
+                ..SubSummary::new(member % 2, offsets)
             })));
         }
         let start = Instant::now();
@@ -205,26 +201,14 @@ mod tests {
         pubs.acked_by_channel.insert(0, 30);
         pubs.acked_by_channel.insert(1, 30);
         col.published = pubs;
-        let outcome = Outcome {
-            interrupted: false,
-            cut_short: false,
-            measure_start: start,
-            open_at_end: 6,
-        };
-        let generator = Generator {
-            cores: 2,
-            cpu_percent: Some(12.0),
-            machine_cpu_percent: Some(30.0),
-            fd_soft_limit: None,
-            fd_hard_limit: None,
-            fds_needed: 70,
-            late_sends: 0,
-            max_send_lag_ms: Some(0.05),
-            warnings: vec![],
-            server: None,
-        }
-        .assessed();
-        let report = build(&args, &col, &outcome, &Unsent::default(), generator);
+        let outcome = Outcome::completed(start, 6);
+        let report = build(
+            &args,
+            &col,
+            &outcome,
+            &Unsent::default(),
+            Generator::for_tests(),
+        );
         assert_eq!(report.config.rate, 60.0);
         assert_eq!(report.delivery.expected, 180);
         assert_eq!(report.delivery.delivered, 178);

@@ -5,8 +5,8 @@ use serde::Serialize;
 use super::Args;
 use crate::publish::Via;
 use crate::pubsub::Finished;
-use crate::pubsub::report::{Connections, Delivery, Errors, Lost, Publishing, measured_secs, secs};
-use crate::report::{Generator, fmt_ms};
+use crate::pubsub::report::{Connections, Delivery, Lost, Publishing, errors_of, measured_secs};
+use crate::report::{Errors, Generator, fmt_ms, secs};
 use crate::stats::Summary;
 use crate::wire::Encoding;
 
@@ -69,7 +69,7 @@ pub fn build(args: &Args, run: Finished) -> FanoutReport {
         delivery: Delivery::of(col, expected, span),
         latency_ms: Summary::of(&col.latency),
         lost: Lost::of(col, pubs),
-        errors: Errors::of(col, pubs),
+        errors: errors_of(col, pubs),
         generator: run.generator,
     }
 }
@@ -121,7 +121,7 @@ mod tests {
     use crate::collector::Collector;
     use crate::publish::PubStats;
     use crate::pubsub::Outcome;
-    use crate::stats::{self, Tally};
+    use crate::stats;
     use crate::subscriber::{Event, OffsetTracker, Summary as SubSummary};
 
     #[test]
@@ -155,41 +155,18 @@ mod tests {
                 offsets.observe(o);
             }
             col.on(Event::Done(Box::new(SubSummary {
-                channel: 0,
                 delivered: 400,
                 delivered_measured: 100,
-                offsets,
-                unstamped: 0,
-                errors: Tally::default(),
-                closed_early: false,
                 samples,
+                ..SubSummary::new(0, offsets)
             })));
         }
         let start = Instant::now();
         col.published = PubStats::for_tests(start, 100, Duration::from_millis(990), 400);
-        let outcome = Outcome {
-            interrupted: false,
-            cut_short: false,
-            measure_start: start,
-            open_at_end: 2,
-        };
-        let generator = Generator {
-            cores: 2,
-            cpu_percent: Some(12.0),
-            machine_cpu_percent: Some(30.0),
-            fd_soft_limit: None,
-            fd_hard_limit: None,
-            fds_needed: 70,
-            late_sends: 0,
-            max_send_lag_ms: Some(0.05),
-            warnings: vec![],
-            server: None,
-        }
-        .assessed();
         let run = Finished {
             col,
-            outcome,
-            generator,
+            outcome: Outcome::completed(start, 2),
+            generator: Generator::for_tests(),
         };
         let report = build(&args, run);
         assert_eq!(report.delivery.expected, 200);

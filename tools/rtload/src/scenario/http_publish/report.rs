@@ -3,9 +3,9 @@
 use serde::Serialize;
 
 use super::Args;
-use crate::pubsub::report::{Connections, Delivery, Errors, Lost, Publishing, measured_secs, secs};
+use crate::pubsub::report::{Connections, Delivery, Lost, Publishing, errors_of, measured_secs};
 use crate::pubsub::{Finished, Load};
-use crate::report::{Generator, interrupted_suffix, latency_line, p50_p99};
+use crate::report::{Errors, Generator, interrupted_suffix, latency_line, p50_p99, secs};
 use crate::stats::{Summary, Tally};
 use crate::wire::Encoding;
 
@@ -113,7 +113,7 @@ pub fn build(args: &Args, http_connections: usize, run: Finished) -> HttpPublish
             retry_after_ms: Summary::of(&pubs.retry_after),
         },
         subscribers,
-        errors: Errors::of(col, pubs),
+        errors: errors_of(col, pubs),
         generator: run.generator,
     }
 }
@@ -189,25 +189,8 @@ mod tests {
                 published: pubs,
                 ..Collector::default()
             },
-            outcome: Outcome {
-                interrupted: false,
-                cut_short: false,
-                measure_start: start,
-                open_at_end: 0,
-            },
-            generator: Generator {
-                cores: 2,
-                cpu_percent: Some(10.0),
-                machine_cpu_percent: Some(20.0),
-                fd_soft_limit: None,
-                fd_hard_limit: None,
-                fds_needed: 68,
-                late_sends: 0,
-                max_send_lag_ms: None,
-                warnings: vec![],
-                server: None,
-            }
-            .assessed(),
+            outcome: Outcome::completed(start, 0),
+            generator: Generator::for_tests(),
         }
     }
 

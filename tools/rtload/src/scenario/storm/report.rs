@@ -7,9 +7,11 @@ use serde::Serialize;
 
 use super::client::Anomaly;
 use super::{Args, PingRun, Storm, Timeline};
-use crate::calls::{self, report::Connections, report::Errors};
+use crate::calls::{self, report::Connections};
 use crate::publish::PubStats;
-use crate::report::{Generator, fmt_ms, interrupted_suffix, latency_line, p50_p99};
+use crate::report::{
+    Errors, Generator, fmt_ms, interrupted_suffix, latency_line, p50_p99, per_sec, secs,
+};
 use crate::stats::{self, Summary, Tally, round3};
 use crate::wire::Encoding;
 
@@ -267,8 +269,8 @@ pub(super) fn build(
             payload_bytes: args.payload_bytes,
             backoff_base_ms: ms(args.backoff_base),
             backoff_cap_ms: ms(args.backoff_cap),
-            warmup_s: round3(common.warmup.as_secs_f64()),
-            drain_s: round3(common.drain.as_secs_f64()),
+            warmup_s: secs(common.warmup),
+            drain_s: secs(common.drain),
             bind_ips: common.bind_ip.iter().map(|ip| ip.to_string()).collect(),
         },
         connections: Connections {
@@ -327,11 +329,7 @@ pub(super) fn build(
         },
         publish: Publishing {
             offered_rate: args.rate,
-            achieved_rate: if span > 0.0 {
-                round3(pubs.sent_measured as f64 / span)
-            } else {
-                0.0
-            },
+            achieved_rate: per_sec(pubs.sent_measured, span),
             sent: pubs.sent_measured,
             acked: pubs.ok_measured,
             failed: pubs.failed_measured,
@@ -340,10 +338,7 @@ pub(super) fn build(
         },
         delivery: d,
         ping,
-        errors: Errors {
-            total: errors.total(),
-            kinds: errors,
-        },
+        errors: Errors::of(errors),
         generator,
     }
 }
@@ -537,10 +532,7 @@ impl StormReport {
         ] {
             out += &format!("  {phase:<12}{}\n", latency_line(summary.as_ref()));
         }
-        out += &format!("errors        {}\n", self.errors.total);
-        for (kind, n) in self.errors.kinds.iter() {
-            out += &format!("  {n:>10}  {kind}\n");
-        }
+        self.errors.render(&mut out);
         self.generator.render(&mut out);
         out +=
             "              (generator CPU: over the storm window, first disconnect to last back)\n";
