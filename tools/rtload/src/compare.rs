@@ -90,6 +90,11 @@ pub mod m {
     pub const GEN_CPU: &str = "rtload CPU (% of all cores)";
     pub const MACHINE_CPU: &str = "machine CPU (%)";
     pub const MAX_RATE: &str = "max rate with p99 under the limit (publications/s)";
+    pub const STORM_BACK: &str = "first loss to all back and recovered (ms)";
+    pub const OUTAGE_P50: &str = "outage per client p50 (ms)";
+    pub const OUTAGE_P99: &str = "outage per client p99 (ms)";
+    pub const DUPLICATES: &str = "duplicated";
+    pub const PING_DURING_P99: &str = "bystanders' ping p99 during the storm (ms)";
 }
 
 /// The figures of one run's JSON report, by metric name.
@@ -165,6 +170,36 @@ pub fn metrics_of(report: &Value) -> Vec<(&'static str, Better, f64)> {
             "fanout" | "chat" => {
                 push(m::DELIVERED, Better::Higher, f(&["delivery", "ratio"]));
                 push(m::LOST, Better::Lower, f(&["lost", "total"]));
+            }
+            "storm" => {
+                // Not all back: no duration, so the table shows "-" rather than a
+                // flattering number.
+                let all_back = report
+                    .pointer("/storm/all_recovered")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                push(
+                    m::STORM_BACK,
+                    Better::Lower,
+                    f(&["storm", "duration_ms"]).filter(|_| all_back),
+                );
+                push(
+                    m::OUTAGE_P50,
+                    Better::Lower,
+                    f(&["storm", "reconnect_ms", "p50_ms"]),
+                );
+                push(
+                    m::OUTAGE_P99,
+                    Better::Lower,
+                    f(&["storm", "reconnect_ms", "p99_ms"]),
+                );
+                push(m::LOST, Better::Lower, f(&["delivery", "lost"]));
+                push(m::DUPLICATES, Better::Lower, f(&["delivery", "duplicates"]));
+                push(
+                    m::PING_DURING_P99,
+                    Better::Lower,
+                    f(&["ping", "during_ms", "p99_ms"]),
+                );
             }
             _ => {}
         }
@@ -471,7 +506,7 @@ pub fn run(args: &Args) -> Result<()> {
 /// The headline metrics, one bar each in the ratio chart.
 fn headline(scenario: &str, metric: &str) -> bool {
     match metric {
-        m::P99 | m::CPU_PER_1K | m::MEM_PER_CONN | m::MAX_RATE => true,
+        m::P99 | m::CPU_PER_1K | m::MEM_PER_CONN | m::MAX_RATE | m::STORM_BACK => true,
         m::THROUGHPUT => scenario.starts_with("http"),
         _ => false,
     }
@@ -903,6 +938,39 @@ mod tests {
         assert_eq!((got[m::THROUGHPUT], got[m::P50]), (1000.0, 0.5));
         // No server figures without --server-pid.
         assert!(!got.contains_key(m::CPU));
+        let storm = |all_recovered: bool| {
+            json!({"scenario": "storm", "connections": {"established": 5000},
+                "storm": {"all_recovered": all_recovered, "duration_ms": 1500.0,
+                    "reconnect_ms": {"p50_ms": 60.0, "p99_ms": 900.0}},
+                "delivery": {"lost": 0, "duplicates": 2},
+                "ping": {"during_ms": {"p99_ms": 4.5}},
+                "server": {"cpu_seconds": 3.0, "rss_bytes": 1048576}})
+        };
+        let got: BTreeMap<&str, f64> = metrics_of(&storm(true))
+            .into_iter()
+            .map(|(n, _, v)| (n, v))
+            .collect();
+        assert_eq!(
+            (
+                got[m::STORM_BACK],
+                got[m::OUTAGE_P50],
+                got[m::OUTAGE_P99],
+                got[m::LOST],
+                got[m::DUPLICATES],
+                got[m::PING_DURING_P99],
+                got[m::CPU]
+            ),
+            (1500.0, 60.0, 900.0, 0.0, 2.0, 4.5, 3.0)
+        );
+        assert!(!got.contains_key(m::THROUGHPUT) && !got.contains_key(m::P50));
+        let not_all_back: Vec<&str> = metrics_of(&storm(false))
+            .into_iter()
+            .map(|(n, _, _)| n)
+            .collect();
+        assert!(
+            !not_all_back.contains(&m::STORM_BACK),
+            "no time to recovery when some never came back"
+        );
     }
 
     #[test]

@@ -397,6 +397,75 @@ async fn storm_clients_recover_everything_after_a_gateway_restart() {
     println!("storm report:\n{stdout}");
 }
 
+/// The storm rtload makes itself (`--drop-after`, what bench/compare/run uses against
+/// both systems): every client drops its socket at once while the one gateway stays up,
+/// pings and publications go on through it, and every client comes back and recovers.
+#[actix_rt::test]
+async fn storm_clients_recover_everything_after_rtload_drops_their_sockets() {
+    let cluster = TestCluster::start().await;
+    let a = cluster.addr(0);
+    let report = tempfile_dir().join("storm-drop.json");
+    let args: Vec<String> = [
+        "storm",
+        "--url",
+        &format!("ws://{a}/ws"),
+        "--ping-url",
+        &format!("ws://{a}/ws"),
+        "--publish-url",
+        &format!("http://{a}"),
+        "--api-key",
+        API_KEY,
+        "--clients",
+        "20",
+        "--channels",
+        "2",
+        "--ping-clients",
+        "5",
+        "--ping-rate-per-conn",
+        "5",
+        "--rate",
+        "40",
+        "--warmup",
+        "0s",
+        "--drain",
+        "1s",
+        "--drop-after",
+        "1s",
+        "--wait-storm",
+        "10s",
+        "--recovery-timeout",
+        "15s",
+        "--json-out",
+        &report.display().to_string(),
+    ]
+    .map(str::to_owned)
+    .into();
+    let storm = rtload(args, &report).await;
+    let s = &storm["storm"];
+    assert_eq!(s["happened"], true, "{storm}");
+    assert_eq!(s["clients_disconnected"], 20, "{storm}");
+    assert_eq!(s["disconnects"]["dropped by rtload"], 20, "{storm}");
+    assert_eq!(s["all_recovered"], true, "{storm}");
+    assert_eq!(s["outages"], 20, "one drop each, nothing else: {storm}");
+    assert_eq!(s["resumed"], 20, "sessions resumed: {storm}");
+    assert_eq!(storm["config"]["drop_after_s"], 1.0, "{storm}");
+    let d = &storm["delivery"];
+    assert_eq!(d["clients_checked"], 20, "{storm}");
+    assert_eq!(d["lost"], 0, "{storm}");
+    assert_eq!(d["duplicates"], 0, "{storm}");
+    assert!(
+        storm["publish"]["acked"].as_u64().is_some_and(|n| n > 40),
+        "{storm}"
+    );
+    assert_eq!(storm["ping"]["connection_lost"], 0, "{storm}");
+    assert!(
+        storm["ping"]["during_ms"]["count"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{storm}"
+    );
+}
+
 fn tempfile_dir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("rtload-smoke-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");

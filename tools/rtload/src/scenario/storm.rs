@@ -2,7 +2,10 @@
 //! C channels (`connect` with `subs`); an open-loop publisher on those channels (HTTP,
 //! through gateway B by default, so it does not die with A); M more clients pinging
 //! gateway B. Once all are up rtload prints a `READY` line and waits: someone kills and
-//! restarts gateway A (bench/storm/run does). Every storm client then reconnects with
+//! restarts gateway A (bench/storm/run does), or, with `--drop-after`, rtload itself
+//! drops every storm client's socket at once (a server that stays up: a load balancer or
+//! a network path failing; bench/compare/run does this to both systems). Every storm
+//! client then reconnects with
 //! exponential backoff and full jitter (or the server's `retry_after_ms` plus a little),
 //! resuming its session and recovering its channel from the last offset it saw.
 //!
@@ -113,6 +116,12 @@ pub struct Args {
     /// After READY, how long to wait for the storm (a storm client losing its socket).
     #[arg(long, value_parser = parse_duration, default_value = "120s")]
     pub wait_storm: Duration,
+
+    /// Make the storm: this long after READY, every storm client drops its socket at
+    /// once (TCP shutdown, no WebSocket close) and reconnects as after any loss. Without
+    /// it, rtload waits for someone else to break the connections (kill gateway A).
+    #[arg(long, value_parser = parse_duration)]
+    pub drop_after: Option<Duration>,
 
     /// After the first disconnect, how long every client has to come back.
     #[arg(long, value_parser = parse_duration, default_value = "120s")]
@@ -369,6 +378,8 @@ pub async fn measure(args: &Args) -> Result<StormReport> {
     let (storm_tx, mut storm_events) = mpsc::unbounded_channel();
     let (ping_tx, mut ping_events) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
+    // How many times rtload has ordered every storm client to drop its socket.
+    let (drop_tx, drop_rx) = watch::channel(0u64);
     let permits = Arc::new(Semaphore::new(common.connect_concurrency.max(1)));
     eprintln!(
         "rtload storm: {} clients on {} channels {}0.. at {} ({}); {} ping clients at {}; {}/s published via {}",
@@ -393,6 +404,7 @@ pub async fn measure(args: &Args) -> Result<StormReport> {
             live.clone(),
             storm_tx.clone(),
             stop_rx.clone(),
+            drop_rx.clone(),
             seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
         ));
     }
@@ -561,11 +573,23 @@ pub async fn measure(args: &Args) -> Result<StormReport> {
     let mut cpu_storm: (Option<CpuSample>, Option<CpuSample>) = (None, None);
     let mut storm_end = None;
     let mut drain_until = None;
+    let mut dropped = false;
     let mut prev = Snapshot::take(&live, &pub_live, &ping_live);
     loop {
         let now = Instant::now();
         match phase {
             Phase::Steady => {
+                if let Some(after) = args.drop_after
+                    && !dropped
+                    && now >= ready_at + after
+                {
+                    dropped = true;
+                    eprintln!(
+                        "DROP every storm client's socket, {:.3}s after READY",
+                        now.saturating_duration_since(ready_at).as_secs_f64()
+                    );
+                    drop_tx.send_modify(|drops| *drops += 1);
+                }
                 if let Some(first) = storm.first_loss {
                     phase = Phase::Storm;
                     cpu_storm.0 = CpuSample::now();

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -390,7 +391,7 @@ enum End {
 }
 
 /// Client `index`: first connect (bounded by `permits`), then read and reconnect until
-/// `stop` turns true.
+/// `stop` turns true; each new value of `drops` makes it drop the socket it holds then.
 #[allow(clippy::too_many_arguments)]
 pub async fn client(
     index: usize,
@@ -400,6 +401,7 @@ pub async fn client(
     live: Arc<Live>,
     events: mpsc::UnboundedSender<Event>,
     mut stop: watch::Receiver<bool>,
+    mut drops: watch::Receiver<u64>,
     seed: u64,
 ) {
     let channel = spec.channel_of(index);
@@ -464,7 +466,12 @@ pub async fn client(
     loop {
         let end = match flow {
             Flow::Resubscribe => resubscribe(&mut ws).await,
-            Flow::Go => consume(&mut ws, &mut s, &spec, &live, &events, &mut stop).await,
+            Flow::Go => {
+                consume(
+                    &mut ws, &mut s, &spec, &live, &events, &mut stop, &mut drops,
+                )
+                .await
+            }
         };
         let (close_code, mut retry_after_ms) = match end {
             End::Stopped => {
@@ -562,6 +569,8 @@ pub async fn client(
         session = Some(opened.reply.session);
         live.note_last(index, s.position.offsets.last);
         Live::add(&live.open, 1);
+        // A drop ordered while this client was down was for the socket it lost.
+        drops.borrow_and_update();
         let now = Instant::now();
         let _ = events.send(Event::Back(Back {
             index,
@@ -693,6 +702,14 @@ async fn resubscribe(ws: &mut Ws) -> End {
     }
 }
 
+/// Resolves when rtload orders every storm client to drop its socket (`--drop-after`);
+/// never without such an order.
+async fn drop_ordered(drops: &mut watch::Receiver<u64>) {
+    if drops.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Reads the socket until it ends or `stop`: live publications (offsets checked), and the
 /// `disconnect` push that may come before a close.
 async fn consume(
@@ -702,12 +719,22 @@ async fn consume(
     live: &Live,
     events: &mpsc::UnboundedSender<Event>,
     stop: &mut watch::Receiver<bool>,
+    drops: &mut watch::Receiver<u64>,
 ) -> End {
     let mut retry_after_ms = None;
     loop {
         let frame = tokio::select! {
             biased;
             _ = async { stop.wait_for(|stop| *stop).await.is_ok() } => return End::Stopped,
+            _ = drop_ordered(drops) => {
+                s.losses.add("dropped by rtload", 1);
+                // No close handshake: the server learns of it from the TCP stream's end.
+                let _ = ws.get_mut().shutdown().await;
+                return End::Lost {
+                    close_code: None,
+                    retry_after_ms: None,
+                };
+            }
             frame = ws.next() => frame,
         };
         let frame = match frame {

@@ -50,6 +50,9 @@ pub struct Config {
     pub backoff_cap_ms: f64,
     pub warmup_s: f64,
     pub drain_s: f64,
+    /// `--drop-after`: rtload dropped every storm client's socket this long after READY
+    /// (absent: someone else made the storm).
+    pub drop_after_s: Option<f64>,
     pub bind_ips: Vec<String>,
 }
 
@@ -271,6 +274,7 @@ pub(super) fn build(
             backoff_cap_ms: ms(args.backoff_cap),
             warmup_s: secs(common.warmup),
             drain_s: secs(common.drain),
+            drop_after_s: args.drop_after.map(secs),
             bind_ips: common.bind_ip.iter().map(|ip| ip.to_string()).collect(),
         },
         connections: Connections {
@@ -440,6 +444,11 @@ impl StormReport {
                     ),
                 }
             );
+            if let Some(after) = c.drop_after_s {
+                out += &format!(
+                    "              made by rtload: every storm client dropped its socket {after}s after READY\n"
+                );
+            }
             out += &format!(
                 "reconnect     per outage {}  ({} outages)\n",
                 latency_line(s.reconnect_ms.as_ref()),
