@@ -271,27 +271,16 @@ async fn chat_and_http_publish_scenarios_run_against_the_real_services() {
     println!("chat report: {chat}\nhttp-publish report: {hp}\nclosed loop: {closed}");
 }
 
-/// The reconnect storm in miniature: 20 clients on gateway A (2 channels), 5 pinging
-/// gateway B, a publisher through B, admission control tight enough to refuse some
-/// connects. Once rtload says READY, A is stopped abruptly (a crash, in-process) and a new
-/// gateway is started on the same address; every client must come back (after 4007s),
-/// resume, and recover its channel: nothing lost, nothing twice.
-#[actix_rt::test]
-async fn storm_clients_recover_everything_after_a_gateway_restart() {
-    let mut cluster = TestCluster::start_with(2, |config| {
-        config.gateway.connect_rate = 10;
-        config.gateway.connect_burst = 5;
-        config.gateway.admission_retry_after_ms = 100;
-    })
-    .await;
-    let (a, b) = (cluster.addr(0), cluster.addr(1));
-    let report = tempfile_dir().join("storm.json");
-    let args: Vec<String> = [
+/// `rtload storm` in miniature: 20 clients on `url` (2 channels), 5 pinging `ping_url`
+/// 5/s each, 40 publications/s, then `more`.
+fn storm_args(url: &str, ping_url: &str, report: &Path, more: &[&str]) -> Vec<String> {
+    let report = report.display().to_string();
+    let common = [
         "storm",
         "--url",
-        &format!("ws://{a}/ws"),
+        url,
         "--ping-url",
-        &format!("ws://{b}/ws"),
+        ping_url,
         "--api-key",
         API_KEY,
         "--clients",
@@ -308,15 +297,35 @@ async fn storm_clients_recover_everything_after_a_gateway_restart() {
         "0s",
         "--drain",
         "1s",
-        "--wait-storm",
-        "20s",
         "--recovery-timeout",
         "15s",
         "--json-out",
-        &report.display().to_string(),
-    ]
-    .map(str::to_owned)
-    .into();
+        &report,
+    ];
+    common.iter().chain(more).map(|s| s.to_string()).collect()
+}
+
+/// The reconnect storm in miniature: 20 clients on gateway A (2 channels), 5 pinging
+/// gateway B, a publisher through B, admission control tight enough to refuse some
+/// connects. Once rtload says READY, A is stopped abruptly (a crash, in-process) and a new
+/// gateway is started on the same address; every client must come back (after 4007s),
+/// resume, and recover its channel: nothing lost, nothing twice.
+#[actix_rt::test]
+async fn storm_clients_recover_everything_after_a_gateway_restart() {
+    let mut cluster = TestCluster::start_with(2, |config| {
+        config.gateway.connect_rate = 10;
+        config.gateway.connect_burst = 5;
+        config.gateway.admission_retry_after_ms = 100;
+    })
+    .await;
+    let (a, b) = (cluster.addr(0), cluster.addr(1));
+    let report = tempfile_dir().join("storm.json");
+    let args = storm_args(
+        &format!("ws://{a}/ws"),
+        &format!("ws://{b}/ws"),
+        &report,
+        &["--wait-storm", "20s"],
+    );
     let mut child = Command::new(env!("CARGO_BIN_EXE_rtload"))
         .args(&args)
         .stdout(Stdio::piped())
@@ -405,41 +414,19 @@ async fn storm_clients_recover_everything_after_rtload_drops_their_sockets() {
     let cluster = TestCluster::start().await;
     let a = cluster.addr(0);
     let report = tempfile_dir().join("storm-drop.json");
-    let args: Vec<String> = [
-        "storm",
-        "--url",
+    let args = storm_args(
         &format!("ws://{a}/ws"),
-        "--ping-url",
         &format!("ws://{a}/ws"),
-        "--publish-url",
-        &format!("http://{a}"),
-        "--api-key",
-        API_KEY,
-        "--clients",
-        "20",
-        "--channels",
-        "2",
-        "--ping-clients",
-        "5",
-        "--ping-rate-per-conn",
-        "5",
-        "--rate",
-        "40",
-        "--warmup",
-        "0s",
-        "--drain",
-        "1s",
-        "--drop-after",
-        "1s",
-        "--wait-storm",
-        "10s",
-        "--recovery-timeout",
-        "15s",
-        "--json-out",
-        &report.display().to_string(),
-    ]
-    .map(str::to_owned)
-    .into();
+        &report,
+        &[
+            "--publish-url",
+            &format!("http://{a}"),
+            "--drop-after",
+            "1s",
+            "--wait-storm",
+            "10s",
+        ],
+    );
     let storm = rtload(args, &report).await;
     let s = &storm["storm"];
     assert_eq!(s["happened"], true, "{storm}");
